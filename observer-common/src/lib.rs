@@ -1,0 +1,251 @@
+//! The wire format between the eBPF programs and the daemon, defined once.
+//!
+//! The kernel side is deliberately dumb: at every TCP state transition it copies a fixed
+//! list of `struct sock` words ([`SockField`]) into a [`StateEvent`], and at every RST it
+//! records which socket, in which state, and why ([`ResetEvent`]). Which byte of the
+//! socket each field lives at is not known at compile time: the daemon reads it from the
+//! running kernel's BTF and patches [`ProgramConfig`] into the object before loading it.
+//! Decoding (bit fields, signedness, byte order) and every decision happen in userspace.
+//!
+//! All types are `#[repr(C)]`, have no implicit padding, are at most 8-byte aligned (ring
+//! buffer records must be), and have their sizes pinned by `const` assertions so a layout
+//! change fails the build on both sides.
+#![no_std]
+
+/// Marks an offset the running kernel does not have (field missing from its BTF).
+pub const ABSENT: u32 = u32::MAX;
+
+/// `reason` of a [`ResetEvent`] on kernels whose `tcp_send_reset` has no reason (< 6.10).
+pub const NO_REASON: u32 = u32::MAX;
+
+/// `protocol` value of TCP sockets (`IPPROTO_TCP`). The state tracepoint also fires for
+/// SCTP and MPTCP sockets, which are filtered out in the kernel.
+pub const IPPROTO_TCP: u32 = 6;
+
+/// What a ring-buffer record is; the first `u32` of every record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `sock:inet_sock_set_state` for a TCP socket: a [`StateEvent`].
+    State = 1,
+    /// `tcp:tcp_send_reset` for a socket (not for RSTs answering unmatched packets).
+    ResetSent = 2,
+    /// `tcp:tcp_receive_reset`.
+    ResetReceived = 3,
+}
+
+impl EventKind {
+    pub fn from_u32(kind: u32) -> Option<Self> {
+        match kind {
+            1 => Some(Self::State),
+            2 => Some(Self::ResetSent),
+            3 => Some(Self::ResetReceived),
+            _ => None,
+        }
+    }
+}
+
+/// The `struct sock` words a [`StateEvent`] carries, by index into [`StateEvent::sock`].
+///
+/// Each is read as 8 raw bytes starting at the byte that holds the field; the daemon
+/// extracts the field (shift, width, sign) using the same BTF description it used to
+/// compute the offset. `tcp_sock` and `inet_connection_sock` embed `struct sock` at offset
+/// 0, so every offset is relative to the socket pointer the tracepoint hands us.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockField {
+    /// `sock_common.skc_family`: AF_INET or AF_INET6.
+    Family = 0,
+    /// `sock_common.skc_num`: local port, host order (0 after unhash for auto-bound).
+    LocalPort,
+    /// `inet_sock.inet_sport`: local port, network order; kept after unhash.
+    SourcePort,
+    /// `sock_common.skc_dport`: remote port, network order.
+    DestinationPort,
+    /// `sock_common.skc_rcv_saddr`: local IPv4 address.
+    SourceAddr4,
+    /// `sock_common.skc_daddr`: remote IPv4 address.
+    DestinationAddr4,
+    /// `sock.sk_err`: hard error, written before the final transition by resets,
+    /// timeouts, ICMP errors and aborts.
+    Err,
+    /// `sock.sk_err_soft`: last soft error (ICMP, route failure); replaces ETIMEDOUT.
+    ErrSoft,
+    /// `sock.sk_shutdown`: RCV_SHUTDOWN | SEND_SHUTDOWN; 3 once `close()` ran.
+    Shutdown,
+    /// `sock_common.skc_flags`: SOCK_DEAD, SOCK_DONE (peer FIN seen), SOCK_KEEPOPEN,
+    /// SOCK_LINGER.
+    Flags,
+    /// `sock.sk_lingertime`: SO_LINGER timeout (0 with SOCK_LINGER = abortive close).
+    LingerTime,
+    /// `sock.sk_socket`: NULL once orphaned or for a child never accept()ed.
+    Socket,
+    /// `tcp_sock.linger2`: TCP_LINGER2; negative aborts FIN_WAIT2 on close.
+    Linger2,
+    /// `inet_connection_sock.icsk_retransmits`: RTOs since the last forward progress.
+    Retransmits,
+    /// `inet_connection_sock.icsk_probes_out`: unanswered keepalive / window probes.
+    ProbesOut,
+    /// `inet_connection_sock.icsk_user_timeout`: TCP_USER_TIMEOUT in ms.
+    UserTimeout,
+    /// `tcp_sock.snd_wnd`: peer's receive window (0 = zero-window probing).
+    SendWindow,
+    /// `tcp_sock.packets_out`: segments in flight (purged before F on error paths).
+    PacketsOut,
+    /// `tcp_sock.rcv_nxt`: next sequence number expected from the peer.
+    ReceiveNext,
+    /// `tcp_sock.copied_seq`: head of yet-unread data; `rcv_nxt - copied_seq` = unread.
+    CopiedSeq,
+    /// `tcp_sock.bytes_acked`: bytes we sent that the peer acknowledged.
+    BytesAcked,
+    /// `tcp_sock.bytes_received`: bytes received from the peer.
+    BytesReceived,
+    /// `tcp_sock.total_retrans`: retransmitted segments over the connection's life.
+    TotalRetrans,
+    /// `tcp_sock.srtt_us`: smoothed RTT in microseconds, shifted left by 3.
+    SrttUs,
+    /// `sock_common.skc_cookie`: socket cookie (lazily generated; 0 if never).
+    Cookie,
+}
+
+impl SockField {
+    pub const COUNT: usize = SockField::Cookie as usize + 1;
+
+    pub const ALL: [SockField; Self::COUNT] = [
+        SockField::Family,
+        SockField::LocalPort,
+        SockField::SourcePort,
+        SockField::DestinationPort,
+        SockField::SourceAddr4,
+        SockField::DestinationAddr4,
+        SockField::Err,
+        SockField::ErrSoft,
+        SockField::Shutdown,
+        SockField::Flags,
+        SockField::LingerTime,
+        SockField::Socket,
+        SockField::Linger2,
+        SockField::Retransmits,
+        SockField::ProbesOut,
+        SockField::UserTimeout,
+        SockField::SendWindow,
+        SockField::PacketsOut,
+        SockField::ReceiveNext,
+        SockField::CopiedSeq,
+        SockField::BytesAcked,
+        SockField::BytesReceived,
+        SockField::TotalRetrans,
+        SockField::SrttUs,
+        SockField::Cookie,
+    ];
+}
+
+/// A bit field inside an 8-byte word, as the kernel side must decode `sk_protocol` to
+/// filter on it (a `u16` on 6.x, an 8-bit bitfield on 5.x).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitField {
+    pub offset: u32,
+    pub shift: u32,
+    pub mask: u32,
+}
+
+/// Everything the programs need to know about the running kernel, computed by the
+/// daemon and patched into the object (`EbpfLoader::override_global("CONFIG", ..)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramConfig {
+    /// Byte offset of each [`SockField`] from the socket pointer, or [`ABSENT`].
+    pub sock_fields: [u32; SockField::COUNT],
+    /// `sock_common.skc_v6_rcv_saddr` and `skc_v6_daddr` (16 bytes each).
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+    /// `sock_common.skc_net` (the `struct net *`) and `net.ns.inum` behind it.
+    pub net: u32,
+    pub net_ns_inum: u32,
+    /// `sock.sk_protocol`, to keep only IPPROTO_TCP.
+    pub protocol: BitField,
+    /// `sock_common.skc_state`: the state of a socket that sends or receives an RST.
+    pub state: u32,
+    /// Index of the `enum sk_rst_reason reason` argument of `tcp_send_reset` (6.10+),
+    /// or [`ABSENT`]; taken from the tracepoint's BTF prototype.
+    pub send_reset_reason_arg: u32,
+    /// Non-zero once the daemon filled this in; the programs do nothing until then.
+    pub valid: u32,
+}
+
+impl ProgramConfig {
+    pub const UNSET: Self = Self {
+        sock_fields: [ABSENT; SockField::COUNT],
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+        net: ABSENT,
+        net_ns_inum: ABSENT,
+        protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
+        state: ABSENT,
+        send_reset_reason_arg: ABSENT,
+        valid: 0,
+    };
+}
+
+/// Fields every record starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`].
+    pub kind: u32,
+    /// The CPU that produced the record (ordering across CPUs is the ring's order).
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub timestamp_ns: u64,
+    /// The `struct sock *`: the socket's identity while it lives (reused after free).
+    pub skaddr: u64,
+    /// Socket cookie: from `bpf_get_socket_cookie` for state events (never 0 there),
+    /// read from `skc_cookie` for resets (0 if it was never generated).
+    pub cookie: u64,
+}
+
+/// One `sock:inet_sock_set_state` transition of a TCP socket, with the socket's fields
+/// read at that moment (some are zeroed right after the final transition).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    pub header: EventHeader,
+    /// Raw 8-byte words, one per [`SockField`] (0 where the field is [`ABSENT`]).
+    pub sock: [u64; SockField::COUNT],
+    /// IPv6 (or v4-mapped) local and remote addresses, network order.
+    pub saddr_v6: [u8; 16],
+    pub daddr_v6: [u8; 16],
+    pub old_state: u32,
+    pub new_state: u32,
+    /// Inode number of the socket's network namespace (0 if unknown).
+    pub netns: u32,
+    pub _pad: u32,
+}
+
+/// One RST sent or received on a known socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetEvent {
+    pub header: EventHeader,
+    /// The socket's TCP state when the RST was sent or received; CLOSE means the RST
+    /// follows the final transition (tcp_disconnect, abort on close).
+    pub state: u32,
+    /// `enum sk_rst_reason` value, or [`NO_REASON`].
+    pub reason: u32,
+    /// 1 if the RST answers a received packet (skb given), 0 for an active reset.
+    pub answers_packet: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<EventHeader>() == 32);
+const _: () = assert!(size_of::<StateEvent>() == 32 + 8 * SockField::COUNT + 32 + 16);
+const _: () = assert!(size_of::<ResetEvent>() == 48);
+const _: () = assert!(align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8);
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3));
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and arrays without padding (sizes asserted above).
+    unsafe impl aya::Pod for super::ProgramConfig {}
+}

@@ -1,0 +1,262 @@
+//! The kernel side of observer: capture evidence, count drops, decide nothing.
+//!
+//! * `inet_sock_set_state` (tp_btf): every TCP state transition, with the socket's
+//!   identity and the [`SockField`] words read at that instant.
+//! * `tcp_send_reset` / `tcp_receive_reset` (tp_btf): which socket sent or received an
+//!   RST, in which state, and the kernel's reason where it has one.
+//!
+//! All three are BTF tracepoints rather than classic ones: no tracefs is needed, the
+//! arguments are the TP_PROTO arguments (no record layout to parse), and a nested run the
+//! kernel has to skip is counted in the program's `recursion_misses`, which the daemon
+//! adds to the lost count (classic tracepoint programs are skipped silently).
+//!
+//! Offsets into `struct sock` are not compiled in: the daemon computes them from the
+//! running kernel's BTF and patches [`CONFIG`] before loading. A record that does not fit
+//! in the ring buffer is counted in [`LOST`] and exported as `observer_events_lost_total`.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
+
+use aya_ebpf::{
+    Global,
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    },
+    EbpfContext as _,
+    macros::{btf_tracepoint, map},
+    maps::{PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use observer_common::{
+    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent,
+    SockField, StateEvent,
+};
+
+/// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
+#[unsafe(no_mangle)]
+static CONFIG: Global<ProgramConfig> = Global::new(ProgramConfig::UNSET);
+
+/// Records for the daemon. The daemon sizes it at load time (`--bpf.ring-buffer-bytes`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Index 0: records dropped because [`EVENTS`] was full.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: *mut c_void = ctx.arg(0);
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    let config = CONFIG.load();
+    if config.valid == 0 || !is_tcp(&config, sk as u64) {
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+        count_lost();
+        return 0;
+    };
+    // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let event: *mut StateEvent = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved record of the right size; every field is
+    // written below before submit.
+    unsafe {
+        (*event).header = header(EventKind::State, sk as u64, cookie);
+        let sock = addr_of_mut!((*event).sock).cast::<u64>();
+        let mut i = 0;
+        while i < SockField::COUNT {
+            read_word(sk as u64, config.sock_fields[i], sock.add(i));
+            i += 1;
+        }
+        read_bytes(sk as u64, config.saddr_v6, addr_of_mut!((*event).saddr_v6));
+        read_bytes(sk as u64, config.daddr_v6, addr_of_mut!((*event).daddr_v6));
+        (*event).old_state = old_state as u32;
+        (*event).new_state = new_state as u32;
+        (*event).netns = netns_inode(&config, sk as u64);
+        (*event)._pad = 0;
+    }
+    entry.submit(0);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb
+    //          [, const enum sk_rst_reason reason])   -- reason since 6.10
+    let config = CONFIG.load();
+    if config.valid != 0 {
+        let reason = match config.send_reset_reason_arg {
+            ABSENT => NO_REASON,
+            index => arg_value(&ctx, index as usize) as u32,
+        };
+        let answers_packet = arg_value(&ctx, 1) != 0;
+        record_reset(&ctx, &config, EventKind::ResetSent, reason, answers_packet);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk)
+    let config = CONFIG.load();
+    if config.valid != 0 {
+        record_reset(&ctx, &config, EventKind::ResetReceived, NO_REASON, false);
+    }
+    0
+}
+
+#[inline(always)]
+fn record_reset(
+    ctx: &BtfTracePointContext,
+    config: &ProgramConfig,
+    kind: EventKind,
+    reason: u32,
+    answers_packet: bool,
+) {
+    let skaddr = arg_value(ctx, 0);
+    if skaddr == 0 {
+        // An RST answering a packet that matched no socket: no connection of ours.
+        return;
+    }
+    let mut cookie = 0u64;
+    // SAFETY: reads kernel memory through the fault-tolerant helper into a local.
+    unsafe { read_word(skaddr, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
+    let event = ResetEvent {
+        header: header(kind, skaddr, cookie),
+        state: read_u8(skaddr, config.state),
+        reason,
+        answers_packet: answers_packet as u32,
+        _pad: 0,
+    };
+    if EVENTS.output::<ResetEvent>(&event, 0).is_err() {
+        count_lost();
+    }
+}
+
+/// The `n`th tracepoint argument as a plain number.
+///
+/// Read through the helper on purpose: a direct context load types pointer arguments
+/// as trusted BTF pointers, and the verifier may then prune `== NULL` tests as always
+/// false, yet `tcp_send_reset` gets NULL `sk` (6.10+) and NULL `skb` (active resets).
+#[inline(always)]
+fn arg_value(ctx: &BtfTracePointContext, n: usize) -> u64 {
+    let mut value = 0u64;
+    // SAFETY: tp_btf contexts are arrays of u64 arguments; `n` is within the prototype.
+    unsafe {
+        bpf_probe_read_kernel(
+            (&mut value as *mut u64).cast(),
+            8,
+            ctx.as_ptr().cast::<u64>().add(n).cast::<c_void>().cast_const(),
+        )
+    };
+    value
+}
+
+#[inline(always)]
+fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        // SAFETY: plain helpers without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        cookie,
+    }
+}
+
+/// `sk_protocol == IPPROTO_TCP`; it is a bit field on some kernels.
+#[inline(always)]
+fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
+    let mut word = 0u64;
+    // SAFETY: fault-tolerant read into a local.
+    unsafe { read_word(sk, config.protocol.offset, &mut word) };
+    ((word >> config.protocol.shift) as u32 & config.protocol.mask) == IPPROTO_TCP
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum`, or 0 without CONFIG_NET_NS.
+#[inline(always)]
+fn netns_inode(config: &ProgramConfig, sk: u64) -> u32 {
+    let mut net = 0u64;
+    // SAFETY: fault-tolerant reads into locals.
+    unsafe { read_word(sk, config.net, &mut net) };
+    if net == 0 || config.net_ns_inum == ABSENT {
+        return 0;
+    }
+    let mut inum = MaybeUninit::<u32>::zeroed();
+    unsafe {
+        bpf_probe_read_kernel(
+            inum.as_mut_ptr().cast(),
+            4,
+            (net + config.net_ns_inum as u64) as *const c_void,
+        )
+    };
+    // SAFETY: zero-initialised, and the helper zeroes it again on failure.
+    unsafe { inum.assume_init() }
+}
+
+/// Copies the 8 bytes at `base + offset` to `dst` (0 if absent or unreadable).
+///
+/// # Safety
+/// `dst` must be valid for an 8-byte write.
+#[inline(always)]
+unsafe fn read_word(base: u64, offset: u32, dst: *mut u64) {
+    if offset == ABSENT {
+        unsafe { *dst = 0 };
+        return;
+    }
+    // The helper zero-fills `dst` when the read faults.
+    unsafe { bpf_probe_read_kernel(dst.cast(), 8, (base + offset as u64) as *const c_void) };
+}
+
+/// Copies 16 bytes (an IPv6 address) at `base + offset` to `dst`.
+///
+/// # Safety
+/// `dst` must be valid for a 16-byte write.
+#[inline(always)]
+unsafe fn read_bytes(base: u64, offset: u32, dst: *mut [u8; 16]) {
+    if offset == ABSENT {
+        unsafe { *dst = [0; 16] };
+        return;
+    }
+    unsafe { bpf_probe_read_kernel(dst.cast(), 16, (base + offset as u64) as *const c_void) };
+}
+
+#[inline(always)]
+fn read_u8(base: u64, offset: u32) -> u32 {
+    if offset == ABSENT {
+        return 0;
+    }
+    let mut byte = 0u8;
+    // SAFETY: fault-tolerant read into a local.
+    unsafe {
+        bpf_probe_read_kernel(
+            (&mut byte as *mut u8).cast(),
+            1,
+            (base + offset as u64) as *const c_void,
+        )
+    };
+    byte as u32
+}
+
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; programs do not nest on one CPU for this map's users.
+        unsafe { *lost += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,163 @@
+//! Command-line interface. Flag names follow node_exporter's (`--web.listen-address`,
+//! `--web.telemetry-path`, `--log.level`) so operators can reuse their habits.
+
+use std::{net::SocketAddr, num::NonZeroUsize};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Observe every TCP connection on this host and tell how it ended: FIN, RST or
+/// timeout, and exactly why. Runs as a Prometheus exporter by default.
+#[derive(Debug, Parser)]
+#[command(name = "observer", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print one line per closed connection as it happens (like tcplife, with the verdict).
+    Watch(WatchArgs),
+}
+
+/// Flags of the exporter (the default command).
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Address on which to expose metrics, /connections and /healthz.
+    #[arg(long = "web.listen-address", value_name = "ADDRESS", default_value = "127.0.0.1:9977")]
+    pub listen_address: SocketAddr,
+
+    /// Path under which to expose metrics.
+    #[arg(
+        long = "web.telemetry-path",
+        value_name = "PATH",
+        default_value = "/metrics",
+        value_parser = parse_telemetry_path
+    )]
+    pub telemetry_path: String,
+
+    /// Distinct values of the `port` label before further ports become "other".
+    #[arg(long = "metrics.max-ports", value_name = "N", default_value_t = 256)]
+    pub max_ports: usize,
+
+    /// Closed connections kept for /connections (newest replace oldest).
+    #[arg(long = "connections.max-recent", value_name = "N", default_value_t = 1000)]
+    pub max_recent: usize,
+}
+
+/// Flags shared by the exporter and `watch`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Only log messages with the given severity or above.
+    #[arg(long = "log.level", value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info, global = true)]
+    pub log_level: LogLevel,
+
+    /// Sockets followed at once; past this the least recently active is dropped
+    /// (counted in observer_tracker_dropped_sockets_total).
+    #[arg(long = "tracker.max-sockets", value_name = "N", default_value = "262144", global = true)]
+    pub max_sockets: NonZeroUsize,
+
+    /// Size of the kernel-to-daemon ring buffer in bytes (rounded up to a power of two
+    /// number of pages).
+    #[arg(
+        long = "bpf.ring-buffer-bytes",
+        value_name = "BYTES",
+        default_value_t = 8 << 20,
+        value_parser = clap::value_parser!(u32).range(4096..=1 << 30),
+        global = true
+    )]
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Print JSON objects (the /connections format), one per line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only connections whose service port is N (repeatable).
+    #[arg(long = "port", value_name = "N")]
+    pub ports: Vec<u16>,
+
+    /// Print every kernel event (transitions and resets) as JSON instead of verdicts:
+    /// the raw evidence the classifier decides on.
+    #[arg(long, conflicts_with = "json")]
+    pub events: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+fn parse_telemetry_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if ["/", "/healthz", "/connections"].contains(&path) {
+        return Err(format!("{path} is already served by observer"));
+    }
+    Ok(path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_keep_their_dotted_names() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--web.listen-address",
+            "--web.telemetry-path",
+            "--log.level",
+            "--metrics.max-ports",
+            "--connections.max-recent",
+            "--tracker.max-sockets",
+            "--bpf.ring-buffer-bytes",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+        }
+        let cli = Cli::try_parse_from(["observer", "--web.listen-address", "[::1]:9100"]).unwrap();
+        assert_eq!(cli.daemon.listen_address, "[::1]:9100".parse().unwrap());
+        assert_eq!(cli.daemon.telemetry_path, "/metrics");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Cli::try_parse_from(["observer", "--web.listen-address", "nowhere"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--web.telemetry-path", "metrics"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--web.telemetry-path", "/healthz"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--tracker.max-sockets", "0"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--log.level", "loud"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "watch", "--json", "--events"]).is_err());
+        let watch = Cli::try_parse_from(["observer", "watch", "--port", "80", "--port", "443"]).unwrap();
+        let Some(Command::Watch(args)) = watch.command else { panic!("not watch") };
+        assert_eq!(args.ports, vec![80, 443]);
+    }
+}

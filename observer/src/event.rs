@@ -1,0 +1,375 @@
+//! Ring-buffer records decoded into plain values: what happened to which socket, and
+//! what the socket looked like at that instant.
+//!
+//! [`Decoder`] is pure (bytes in, [`SocketEvent`] out). The decoded types serialise to
+//! JSON; `observer watch --events` prints them one per line, and the classifier's unit
+//! tests replay such recordings (`observer/tests/streams/`).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use observer_common::{EventHeader, EventKind, NO_REASON, ResetEvent, SockField, StateEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    kernel_layout::{FieldDecoder, KernelLayout},
+    tcp::{ResetReason, SockFlags, TcpState},
+};
+
+/// The socket pointer: a socket's identity while it is alive (reused after it is freed,
+/// which the tracker handles).
+pub type SocketId = u64;
+
+const AF_INET: u64 = 2;
+const AF_INET6: u64 = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SocketEvent {
+    State(StateChange),
+    Reset(Reset),
+}
+
+impl SocketEvent {
+    pub fn socket(&self) -> SocketId {
+        match self {
+            SocketEvent::State(change) => change.socket,
+            SocketEvent::Reset(reset) => reset.socket,
+        }
+    }
+}
+
+/// One `inet_sock_set_state` transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    pub socket: SocketId,
+    pub cookie: u64,
+    pub netns: u32,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub snapshot: Snapshot,
+}
+
+/// The socket's fields at the transition: the evidence the classifier decides on, and
+/// the statistics reported with each closed connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Snapshot {
+    pub sk_err: i32,
+    pub sk_err_soft: i32,
+    pub shutdown: u8,
+    pub flags: SockFlags,
+    /// SO_LINGER time in jiffies (0 with `flags.linger`: abortive close).
+    pub linger_time: i64,
+    /// A `struct socket` is attached (false once orphaned or before accept()).
+    pub has_socket: bool,
+    /// TCP_LINGER2 (negative: abort FIN_WAIT2 on close).
+    pub linger2: i32,
+    pub retransmits: u8,
+    pub probes_out: u8,
+    pub user_timeout_ms: u32,
+    pub send_window: u32,
+    pub packets_out: u32,
+    /// `rcv_nxt - copied_seq`: received but not read, +1 for an unread FIN.
+    pub unread_bytes: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub total_retrans: u32,
+    pub srtt_us: u32,
+}
+
+impl Snapshot {
+    /// Data the application never read (a pending FIN alone does not count).
+    pub fn has_unread_data(&self) -> bool {
+        self.unread_bytes > u32::from(self.flags.done)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetDirection {
+    Sent,
+    Received,
+}
+
+impl ResetDirection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Received => "received",
+        }
+    }
+}
+
+/// One RST sent (`tcp_send_reset`) or received (`tcp_receive_reset`) by a socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reset {
+    pub timestamp_ns: u64,
+    pub socket: SocketId,
+    pub cookie: u64,
+    pub direction: ResetDirection,
+    /// The socket's state then: CLOSE means after the final transition.
+    pub state: TcpState,
+    /// The kernel's reason (6.10+ for sent resets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ResetReason>,
+    /// The RST answers a received segment (it is not an active reset).
+    #[serde(default)]
+    pub answers_packet: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is too short for its kind")]
+    Truncated { len: usize },
+    #[error("record of unknown kind {kind}")]
+    UnknownKind { kind: u32 },
+}
+
+/// Turns raw records into [`SocketEvent`]s using the kernel's layout.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    fields: [FieldDecoder; SockField::COUNT],
+    reset_reasons: HashMap<u32, ResetReason>,
+}
+
+impl Decoder {
+    pub fn new(layout: &KernelLayout) -> Self {
+        Self { fields: layout.fields, reset_reasons: layout.reset_reasons.clone() }
+    }
+
+    pub fn decode(&self, record: &[u8]) -> Result<SocketEvent, DecodeError> {
+        let header: EventHeader = read_record(record)?;
+        match EventKind::from_u32(header.kind) {
+            Some(EventKind::State) => Ok(SocketEvent::State(self.state(&read_record(record)?))),
+            Some(EventKind::ResetSent) => {
+                Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Sent)))
+            }
+            Some(EventKind::ResetReceived) => {
+                Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Received)))
+            }
+            None => Err(DecodeError::UnknownKind { kind: header.kind }),
+        }
+    }
+
+    fn unsigned(&self, raw: &StateEvent, field: SockField) -> u64 {
+        self.fields[field as usize].unsigned(raw.sock[field as usize])
+    }
+
+    fn signed(&self, raw: &StateEvent, field: SockField) -> i64 {
+        self.fields[field as usize].signed(raw.sock[field as usize])
+    }
+
+    fn state(&self, raw: &StateEvent) -> StateChange {
+        let field = |f| self.unsigned(raw, f);
+        let family = field(SockField::Family);
+        // Ports are stored in network order except skc_num; inet_sport survives unhash.
+        let local_port = match u16::from_be(field(SockField::SourcePort) as u16) {
+            0 => field(SockField::LocalPort) as u16,
+            port => port,
+        };
+        let remote_port = u16::from_be(field(SockField::DestinationPort) as u16);
+        let (local_ip, remote_ip) = if family == AF_INET6 {
+            (IpAddr::V6(Ipv6Addr::from(raw.saddr_v6)), IpAddr::V6(Ipv6Addr::from(raw.daddr_v6)))
+        } else {
+            debug_assert!(family == AF_INET || family == 0, "family {family}");
+            let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
+            (v4(field(SockField::SourceAddr4)), v4(field(SockField::DestinationAddr4)))
+        };
+        let receive_next = field(SockField::ReceiveNext) as u32;
+        let copied = field(SockField::CopiedSeq) as u32;
+        StateChange {
+            timestamp_ns: raw.header.timestamp_ns,
+            socket: raw.header.skaddr,
+            cookie: raw.header.cookie,
+            netns: raw.netns,
+            old: TcpState::from_kernel(raw.old_state),
+            new: TcpState::from_kernel(raw.new_state),
+            local: SocketAddr::new(local_ip, local_port),
+            remote: SocketAddr::new(remote_ip, remote_port),
+            snapshot: Snapshot {
+                sk_err: self.signed(raw, SockField::Err) as i32,
+                sk_err_soft: self.signed(raw, SockField::ErrSoft) as i32,
+                shutdown: field(SockField::Shutdown) as u8,
+                flags: SockFlags::from_kernel(field(SockField::Flags)),
+                linger_time: self.signed(raw, SockField::LingerTime),
+                has_socket: field(SockField::Socket) != 0,
+                linger2: self.signed(raw, SockField::Linger2) as i32,
+                retransmits: field(SockField::Retransmits) as u8,
+                probes_out: field(SockField::ProbesOut) as u8,
+                user_timeout_ms: field(SockField::UserTimeout) as u32,
+                send_window: field(SockField::SendWindow) as u32,
+                packets_out: field(SockField::PacketsOut) as u32,
+                unread_bytes: receive_next.wrapping_sub(copied),
+                bytes_acked: field(SockField::BytesAcked),
+                bytes_received: field(SockField::BytesReceived),
+                total_retrans: field(SockField::TotalRetrans) as u32,
+                srtt_us: (field(SockField::SrttUs) as u32) >> 3,
+            },
+        }
+    }
+
+    fn reset(&self, raw: &ResetEvent, direction: ResetDirection) -> Reset {
+        let reason = match raw.reason {
+            NO_REASON => None,
+            value => Some(self.reset_reasons.get(&value).copied().unwrap_or(ResetReason::Other)),
+        };
+        Reset {
+            timestamp_ns: raw.header.timestamp_ns,
+            socket: raw.header.skaddr,
+            cookie: raw.header.cookie,
+            direction,
+            state: TcpState::from_kernel(raw.state),
+            reason,
+            answers_packet: raw.answers_packet != 0,
+        }
+    }
+}
+
+/// Copies a record out of the ring (records are only 8-byte aligned by contract, and the
+/// copy releases the ring slot early).
+fn read_record<T: Copy>(record: &[u8]) -> Result<T, DecodeError> {
+    if record.len() < size_of::<T>() {
+        return Err(DecodeError::Truncated { len: record.len() });
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] integer struct valid for any bits.
+    Ok(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::{ABSENT, ProgramConfig};
+
+    use super::*;
+
+    fn layout() -> KernelLayout {
+        let mut fields = [FieldDecoder::default(); SockField::COUNT];
+        for field in SockField::ALL {
+            let (bits, signed) = match field {
+                SockField::Family | SockField::LocalPort | SockField::SourcePort => (16, false),
+                SockField::DestinationPort => (16, false),
+                SockField::Err | SockField::ErrSoft | SockField::Linger2 => (32, true),
+                SockField::Shutdown | SockField::Retransmits | SockField::ProbesOut => (8, false),
+                SockField::LingerTime => (64, true),
+                SockField::Flags | SockField::Socket | SockField::Cookie => (64, false),
+                SockField::BytesAcked | SockField::BytesReceived => (64, false),
+                _ => (32, false),
+            };
+            fields[field as usize] = FieldDecoder { present: true, shift: 0, bits, signed };
+        }
+        let mut reset_reasons = HashMap::new();
+        reset_reasons.insert(14, ResetReason::TcpState);
+        KernelLayout {
+            config: ProgramConfig { valid: 1, ..ProgramConfig::UNSET },
+            fields,
+            reset_reasons,
+            missing: vec![],
+        }
+    }
+
+    fn bytes<T>(value: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain #[repr(C)] value.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        EventHeader { kind: kind as u32, cpu: 1, timestamp_ns: 5, skaddr: 0xffff_0001, cookie: 9 }
+    }
+
+    #[test]
+    fn decodes_a_state_event_with_garbage_above_each_field() {
+        let mut raw = StateEvent {
+            header: header(EventKind::State),
+            sock: [0xdead_beef_dead_0000; SockField::COUNT],
+            saddr_v6: [0; 16],
+            daddr_v6: [0; 16],
+            old_state: 4,
+            new_state: 7,
+            netns: 4026531840,
+            _pad: 0,
+        };
+        let set = |raw: &mut StateEvent, field: SockField, low: u64, bits: u32| {
+            let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
+            raw.sock[field as usize] = (raw.sock[field as usize] & !mask) | low;
+        };
+        set(&mut raw, SockField::Family, 2, 16);
+        set(&mut raw, SockField::SourcePort, u64::from(8080u16.to_be()), 16);
+        set(&mut raw, SockField::DestinationPort, u64::from(40000u16.to_be()), 16);
+        set(&mut raw, SockField::SourceAddr4, u64::from(u32::from_ne_bytes([10, 0, 0, 2])), 32);
+        set(&mut raw, SockField::DestinationAddr4, u64::from(u32::from_ne_bytes([10, 0, 0, 1])), 32);
+        set(&mut raw, SockField::Err, u64::from(110u32), 32);
+        set(&mut raw, SockField::Linger2, u64::from((-1i32) as u32), 32);
+        set(&mut raw, SockField::Flags, 0b1_1011, 64);
+        set(&mut raw, SockField::Shutdown, 3, 8);
+        set(&mut raw, SockField::ReceiveNext, 1100, 32);
+        set(&mut raw, SockField::CopiedSeq, 1000, 32);
+        set(&mut raw, SockField::SrttUs, 800, 32);
+
+        let decoded = Decoder::new(&layout()).decode(&bytes(&raw)).unwrap();
+        let SocketEvent::State(change) = decoded else { panic!("not a state event") };
+        assert_eq!(change.old, TcpState::FinWait1);
+        assert_eq!(change.new, TcpState::Close);
+        assert_eq!(change.local, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(change.remote, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(change.snapshot.sk_err, 110);
+        assert_eq!(change.snapshot.linger2, -1);
+        assert_eq!(change.snapshot.shutdown, 3);
+        assert_eq!(
+            change.snapshot.flags,
+            SockFlags { dead: true, done: true, keepalive: true, linger: true }
+        );
+        assert_eq!(change.snapshot.unread_bytes, 100);
+        assert!(change.snapshot.has_unread_data());
+        assert_eq!(change.snapshot.srtt_us, 100);
+        assert_eq!(change.netns, 4026531840);
+    }
+
+    #[test]
+    fn decodes_ipv6_addresses_and_resets() {
+        let mut raw = StateEvent {
+            header: header(EventKind::State),
+            sock: [0; SockField::COUNT],
+            saddr_v6: Ipv6Addr::LOCALHOST.octets(),
+            daddr_v6: "fd00::2".parse::<Ipv6Addr>().unwrap().octets(),
+            old_state: 1,
+            new_state: 4,
+            netns: 0,
+            _pad: 0,
+        };
+        raw.sock[SockField::Family as usize] = 10;
+        let decoder = Decoder::new(&layout());
+        let SocketEvent::State(change) = decoder.decode(&bytes(&raw)).unwrap() else { panic!() };
+        assert_eq!(change.local.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(change.remote.ip().to_string(), "fd00::2");
+
+        let reset = ResetEvent {
+            header: header(EventKind::ResetSent),
+            state: 7,
+            reason: 14,
+            answers_packet: 0,
+            _pad: 0,
+        };
+        let SocketEvent::Reset(reset) = decoder.decode(&bytes(&reset)).unwrap() else { panic!() };
+        assert_eq!(reset.reason, Some(ResetReason::TcpState));
+        assert_eq!(reset.state, TcpState::Close);
+        assert_eq!(reset.direction, ResetDirection::Sent);
+        let _ = ABSENT;
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let decoder = Decoder::new(&layout());
+        assert_eq!(decoder.decode(&[1, 0, 0]), Err(DecodeError::Truncated { len: 3 }));
+        let header = EventHeader { kind: 99, cpu: 0, timestamp_ns: 0, skaddr: 0, cookie: 0 };
+        assert_eq!(decoder.decode(&bytes(&header)), Err(DecodeError::UnknownKind { kind: 99 }));
+        let short_state = bytes(&EventHeader { kind: 1, ..header });
+        assert_eq!(decoder.decode(&short_state), Err(DecodeError::Truncated { len: 32 }));
+    }
+}

@@ -1,0 +1,125 @@
+//! The HTTP adapter: `/metrics` (or `--web.telemetry-path`), `/connections`, `/healthz`
+//! and a landing page. Thin: it only renders what the pipeline produced.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+
+use crate::{metrics::Metrics, report::ConnectionReport};
+
+/// The most recent verdicts, for `/connections`.
+pub struct RecentConnections {
+    max: usize,
+    items: Mutex<VecDeque<ConnectionReport>>,
+}
+
+impl RecentConnections {
+    pub fn new(max: usize) -> Self {
+        Self { max, items: Mutex::new(VecDeque::new()) }
+    }
+
+    pub fn push(&self, report: ConnectionReport) {
+        if self.max == 0 {
+            return;
+        }
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        if items.len() == self.max {
+            items.pop_front();
+        }
+        items.push_back(report);
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub metrics: Arc<Metrics>,
+    pub recent: Arc<RecentConnections>,
+    /// True while the ring-buffer reader runs.
+    pub healthy: Arc<AtomicBool>,
+    pub telemetry_path: String,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(landing))
+        .route(&state.telemetry_path, get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/connections", get(connections))
+        .with_state(state)
+}
+
+async fn landing(State(state): State<AppState>) -> Html<String> {
+    Html(format!(
+        "<html><head><title>observer</title></head><body><h1>observer</h1>\
+         <p>How every TCP connection on this host ended.</p><ul>\
+         <li><a href=\"{path}\">{path}</a>: Prometheus metrics</li>\
+         <li><a href=\"/connections\">/connections</a>: recent closed connections (JSON; \
+         filters: port, netns, class, cause, limit)</li>\
+         <li><a href=\"/healthz\">/healthz</a></li></ul></body></html>",
+        path = state.telemetry_path
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.healthy.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "event reader stopped\n")
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Filter {
+    port: Option<u16>,
+    netns: Option<u32>,
+    class: Option<String>,
+    cause: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Filter {
+    fn matches(&self, report: &ConnectionReport) -> bool {
+        self.port.is_none_or(|port| report.port == port)
+            && self.netns.is_none_or(|netns| report.netns == netns)
+            && self.class.as_deref().is_none_or(|class| report.class.name() == class)
+            && self.cause.as_deref().is_none_or(|cause| report.cause.name() == cause)
+    }
+}
+
+/// Recent verdicts, oldest first, optionally filtered; `limit` keeps the newest.
+async fn connections(
+    State(state): State<AppState>,
+    Query(filter): Query<Filter>,
+) -> Json<Vec<ConnectionReport>> {
+    let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut selected: Vec<ConnectionReport> =
+        items.iter().filter(|report| filter.matches(report)).cloned().collect();
+    drop(items);
+    if let Some(limit) = filter.limit
+        && selected.len() > limit
+    {
+        selected.drain(..selected.len() - limit);
+    }
+    Json(selected)
+}

@@ -1,0 +1,167 @@
+//! Loads the embedded eBPF object into the running kernel and attaches its programs.
+//!
+//! Order matters for the error a user sees: privileges first (one clear line instead of
+//! an EPERM from deep inside the loader), then the kernel's BTF and tracepoints, then
+//! the load. [`Attached`] owns the object: dropping it detaches everything.
+
+use std::{
+    fs,
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
+};
+
+use crate::{error::Error, kernel_layout::KernelLayout};
+
+/// The programs of observer-ebpf, each a tp_btf program named after its tracepoint.
+const PROGRAMS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
+
+/// Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The attached programs and the maps the daemon reads.
+pub struct Attached {
+    /// Records from the kernel.
+    pub events: RingBuf<MapData>,
+    /// Owns the rest of the object; programs stay attached while it lives.
+    pub lost: LostEvents,
+}
+
+/// The kernel-side drop counters.
+pub struct LostEvents {
+    _ebpf: Ebpf,
+    ring_full: PerCpuArray<MapData, u64>,
+    /// Program descriptors, for `recursion_misses` in their fdinfo.
+    program_fds: Vec<RawFd>,
+}
+
+impl LostEvents {
+    /// Events the kernel could not deliver so far: ring buffer full, plus runs the kernel
+    /// skipped because the same program was already running on that CPU.
+    pub fn total(&self) -> u64 {
+        let ring_full: u64 = self
+            .ring_full
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or_default();
+        let skipped: u64 = self.program_fds.iter().map(|fd| recursion_misses(*fd)).sum();
+        ring_full + skipped
+    }
+}
+
+/// `recursion_misses` from `/proc/self/fdinfo/<fd>` (Linux 5.12+; 0 before).
+fn recursion_misses(fd: RawFd) -> u64 {
+    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("recursion_misses:"))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fails with a one-line explanation unless we may load tracing programs.
+pub fn check_privileges() -> Result<(), Error> {
+    let status = fs::read_to_string("/proc/self/status")
+        .map_err(|source| Error::Io { context: "cannot read /proc/self/status", source })?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| name)
+        .collect();
+    Err(Error::Privileges { missing: missing.join(", ") })
+}
+
+pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
+    raise_memlock_limit();
+    let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", &layout.config, true)
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .load(object)
+        .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
+
+    let btf = aya::Btf::from_sys_fs().map_err(|error| Error::BtfParse {
+        path: crate::kernel_layout::VMLINUX_BTF,
+        reason: error.to_string(),
+    })?;
+    let mut program_fds = Vec::new();
+    for name in PROGRAMS {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(Error::LoadProgram { program: name, reason: "not in the object".into() })?
+            .try_into()
+            .map_err(|error: ProgramError| Error::LoadProgram {
+                program: name,
+                reason: error.to_string(),
+            })?;
+        program.load(name, &btf).map_err(|error| {
+            if let ProgramError::LoadError { verifier_log, .. } = &error {
+                log::debug!("verifier log for {name}:\n{verifier_log}");
+            }
+            Error::LoadProgram { program: name, reason: error_chain(&error) }
+        })?;
+        program
+            .attach()
+            .map_err(|error| Error::Attach { program: name, reason: error_chain(&error) })?;
+        let fd = program
+            .fd()
+            .map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
+        program_fds.push(fd.as_fd().as_raw_fd());
+    }
+
+    let events = ebpf
+        .take_map("EVENTS")
+        .ok_or(Error::LoadObject { reason: "map EVENTS missing".into() })
+        .and_then(|map| {
+            RingBuf::try_from(map).map_err(|error| Error::LoadObject { reason: error.to_string() })
+        })?;
+    let ring_full = ebpf
+        .take_map("LOST")
+        .ok_or(Error::LoadObject { reason: "map LOST missing".into() })
+        .and_then(|map| {
+            PerCpuArray::try_from(map).map_err(|error| Error::LoadObject { reason: error.to_string() })
+        })?;
+    Ok(Attached { events, lost: LostEvents { _ebpf: ebpf, ring_full, program_fds } })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising
+/// it needs CAP_SYS_RESOURCE, which a CAP_BPF-only deployment may lack: not an error.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// `error: cause: cause…` on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,42 @@
+//! The `observer` binary: parse flags, set up logging, run until SIGINT/SIGTERM.
+//! Every failure ends as one line on stderr and a non-zero exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use observer::{
+    cli::{Cli, Command},
+    error::Error,
+    shutdown,
+};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.common.log_level.filter())
+        .format_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&Error::Io { context: "cannot start the runtime", source: error }),
+    };
+    let result = runtime.block_on(async {
+        let token = CancellationToken::new();
+        shutdown::cancel_on_signals(token.clone())
+            .map_err(|source| Error::Io { context: "cannot install signal handlers", source })?;
+        match cli.command {
+            None => observer::run_daemon(cli.daemon, cli.common, token).await,
+            Some(Command::Watch(args)) => observer::run_watch(args, cli.common, token).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &Error) -> ExitCode {
+    eprintln!("observer: {error}");
+    ExitCode::from(error.exit_code() as u8)
+}

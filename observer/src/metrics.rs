@@ -1,0 +1,272 @@
+//! Every exported metric, declared here and nowhere else, in a registry of its own.
+//!
+//! Names follow the Prometheus conventions (one `observer_` prefix, base units, `_total`
+//! counters, one `_info`); the set and labels of the core ones are part of the product
+//! contract (README "Metrics"). Labels are low-cardinality: the only per-connection
+//! label is the *service* port, capped by `--metrics.max-ports`.
+
+use std::{
+    collections::HashSet,
+    sync::{Mutex, PoisonError},
+};
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    classify::Class,
+    event::{Reset, ResetDirection},
+    tcp::TcpState,
+    tracker::{ClosedConnection, TrackerStats},
+};
+
+/// Label value for ports beyond `--metrics.max-ports`.
+pub const OTHER_PORT: &str = "other";
+
+pub struct Metrics {
+    registry: Registry,
+    closes: IntCounterVec,
+    transitions: IntCounterVec,
+    sockets: IntGaugeVec,
+    duration: HistogramVec,
+    resets: IntCounterVec,
+    events: IntCounter,
+    lost: IntCounter,
+    malformed: IntCounter,
+    dropped_sockets: IntCounterVec,
+    tracked: IntGauge,
+    ports: Mutex<PortLabels>,
+}
+
+/// The first `max` distinct service ports get their own label value.
+struct PortLabels {
+    max: usize,
+    seen: HashSet<u16>,
+}
+
+impl PortLabels {
+    fn label(&mut self, port: u16) -> String {
+        if self.seen.contains(&port) || (self.seen.len() < self.max && self.seen.insert(port)) {
+            port.to_string()
+        } else {
+            OTHER_PORT.to_string()
+        }
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+impl Metrics {
+    pub fn new(max_ports: usize) -> Self {
+        let registry = Registry::new();
+        let closes = counter_vec(
+            &registry,
+            "observer_tcp_closes_total",
+            "TCP connections that ended, by how (class) and why (cause) they ended.",
+            &["class", "cause", "role", "port"],
+        );
+        let transitions = counter_vec(
+            &registry,
+            "observer_tcp_transitions_total",
+            "TCP state transitions seen at the inet_sock_set_state tracepoint.",
+            &["from", "to"],
+        );
+        let sockets = IntGaugeVec::new(
+            Opts::new("observer_tcp_sockets", "Live TCP sockets tracked, by current state."),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(sockets.clone())).expect("unique metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "observer_tcp_connection_duration_seconds",
+                "Time from a connection's open to its final transition, by class of ending.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 4.0, 12).expect("valid buckets")),
+            &["class"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(duration.clone())).expect("unique metric");
+        let resets = counter_vec(
+            &registry,
+            "observer_tcp_resets_total",
+            "TCP resets sent or received by sockets, by the kernel's reason where it has one.",
+            &["direction", "reason"],
+        );
+        let events = counter(
+            &registry,
+            "observer_events_total",
+            "Events received from the kernel through the ring buffer.",
+        );
+        let lost = counter(
+            &registry,
+            "observer_events_lost_total",
+            "Events the kernel could not deliver (ring buffer full or nested run skipped).",
+        );
+        let malformed = counter(
+            &registry,
+            "observer_events_malformed_total",
+            "Ring buffer records that could not be decoded.",
+        );
+        let dropped_sockets = counter_vec(
+            &registry,
+            "observer_tracker_dropped_sockets_total",
+            "Sockets dropped without a verdict (table full, or final event lost).",
+            &["reason"],
+        );
+        let tracked = IntGauge::new(
+            "observer_tracker_sockets",
+            "Sockets in the tracking table, including closed ones awaiting a verdict.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(tracked.clone())).expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("observer_build_info", "Build information; the value is always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
+
+        for state in TcpState::ALL {
+            sockets.with_label_values(&[state.name()]).set(0);
+        }
+        for reason in ["capacity", "replaced"] {
+            dropped_sockets.with_label_values(&[reason]);
+        }
+        for class in Class::ALL {
+            duration.with_label_values(&[class.name()]);
+        }
+
+        Self {
+            registry,
+            closes,
+            transitions,
+            sockets,
+            duration,
+            resets,
+            events,
+            lost,
+            malformed,
+            dropped_sockets,
+            tracked,
+            ports: Mutex::new(PortLabels { max: max_ports, seen: HashSet::new() }),
+        }
+    }
+
+    pub fn record_close(&self, closed: &ClosedConnection) {
+        let port = self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(closed.port);
+        let class = closed.verdict.class().name();
+        self.closes
+            .with_label_values(&[class, closed.verdict.cause.name(), closed.role.name(), &port])
+            .inc();
+        if let Some(duration) = closed.duration_ns {
+            self.duration.with_label_values(&[class]).observe(duration as f64 / 1e9);
+        }
+    }
+
+    pub fn record_transition(&self, from: TcpState, to: TcpState) {
+        self.transitions.with_label_values(&[from.name(), to.name()]).inc();
+    }
+
+    pub fn record_reset(&self, reset: &Reset) {
+        let reason = match (reset.reason, reset.direction) {
+            (Some(reason), _) => reason.name(),
+            (None, ResetDirection::Sent) => "unknown",
+            (None, ResetDirection::Received) => "not_reported",
+        };
+        self.resets.with_label_values(&[reset.direction.name(), reason]).inc();
+    }
+
+    pub fn record_event(&self) {
+        self.events.inc();
+    }
+
+    pub fn record_malformed(&self) {
+        self.malformed.inc();
+    }
+
+    /// Brings the lost counter up to the kernel's running total.
+    pub fn set_lost(&self, total: u64) {
+        let current = self.lost.get();
+        if total > current {
+            self.lost.inc_by(total - current);
+        }
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.get()
+    }
+
+    pub fn set_tracker(&self, stats: TrackerStats, tracked: usize, by_state: impl Iterator<Item = (TcpState, i64)>) {
+        let sync = |reason: &str, total: u64| {
+            let counter = self.dropped_sockets.with_label_values(&[reason]);
+            if total > counter.get() {
+                counter.inc_by(total - counter.get());
+            }
+        };
+        sync("capacity", stats.evicted);
+        sync("replaced", stats.replaced);
+        self.tracked.set(tracked as i64);
+        for (state, count) in by_state {
+            self.sockets.with_label_values(&[state.name()]).set(count);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding to memory cannot fail");
+        String::from_utf8(buffer).expect("exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_port_labels() {
+        let mut ports = PortLabels { max: 2, seen: HashSet::new() };
+        assert_eq!(ports.label(80), "80");
+        assert_eq!(ports.label(443), "443");
+        assert_eq!(ports.label(8080), OTHER_PORT);
+        assert_eq!(ports.label(80), "80");
+    }
+
+    #[test]
+    fn exposition_has_the_contract_metrics() {
+        let metrics = Metrics::new(4);
+        metrics.record_transition(TcpState::Established, TcpState::FinWait1);
+        metrics.set_lost(3);
+        metrics.set_lost(2);
+        let text = metrics.render();
+        for name in [
+            "observer_tcp_transitions_total{from=\"established\",to=\"fin_wait1\"} 1",
+            "observer_tcp_sockets{state=\"close_wait\"} 0",
+            "observer_events_total 0",
+            "observer_events_lost_total 3",
+            "observer_build_info{version=",
+            "# TYPE observer_tcp_connection_duration_seconds histogram",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

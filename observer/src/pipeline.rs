@@ -1,0 +1,167 @@
+//! The ring-buffer reader: kernel records → decoder → tracker → verdicts.
+//!
+//! One task owns the tracker, so nothing here is locked. It wakes when the ring buffer
+//! has data, and when the oldest closed socket's evidence window ends; at every wake-up
+//! it drains the ring *before* expiring windows, so an RST reserved just after F is
+//! always counted with its connection.
+
+use std::{num::NonZeroUsize, sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::Error,
+    event::{Decoder, SocketEvent},
+    loader::{Attached, LostEvents},
+    metrics::Metrics,
+    report::monotonic_ns,
+    tracker::{ClosedConnection, Effect, Tracker},
+};
+
+/// Longest sleep without anything to decide (refreshes the lost-event count).
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// How often the lost-event count is read from the kernel under load.
+const LOST_REFRESH_NS: u64 = 100_000_000;
+
+/// Where events and verdicts go besides the metrics.
+pub trait Sink {
+    /// Every decoded event (`observer watch --events`).
+    fn event(&mut self, _event: &SocketEvent) {}
+    /// Every connection verdict.
+    fn closed(&mut self, connection: &ClosedConnection);
+}
+
+pub struct Pipeline<S> {
+    attached: Attached,
+    decoder: Decoder,
+    tracker: Tracker,
+    metrics: Arc<Metrics>,
+    sink: S,
+    decided: Vec<ClosedConnection>,
+    lost_read_at: u64,
+}
+
+impl<S: Sink> Pipeline<S> {
+    pub fn new(
+        attached: Attached,
+        decoder: Decoder,
+        max_sockets: NonZeroUsize,
+        metrics: Arc<Metrics>,
+        sink: S,
+    ) -> Self {
+        Self {
+            attached,
+            decoder,
+            tracker: Tracker::new(max_sockets),
+            metrics,
+            sink,
+            decided: Vec::new(),
+            lost_read_at: 0,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then settles what is already closed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
+        let Attached { events, lost } = attached;
+        let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
+        // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
+        // descriptor stays open for as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|error| Error::Io {
+                context: "cannot poll the ring buffer",
+                source: error.into(),
+            })?;
+        loop {
+            let wait = state.next_wake();
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(|source| Error::Io {
+                        context: "cannot poll the ring buffer",
+                        source,
+                    })?;
+                    state.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => break,
+            }
+            state.drain(ring.get_mut());
+            state.settle(&lost, monotonic_ns());
+        }
+        state.drain(ring.get_mut());
+        state.settle(&lost, u64::MAX);
+        Ok(())
+    }
+}
+
+/// The pipeline's mutable state while running.
+struct Running<S> {
+    decoder: Decoder,
+    tracker: Tracker,
+    metrics: Arc<Metrics>,
+    sink: S,
+    decided: Vec<ClosedConnection>,
+    lost_read_at: u64,
+}
+
+impl<S: Sink> Running<S> {
+    fn next_wake(&self) -> Duration {
+        match self.tracker.next_deadline_ns() {
+            Some(deadline) => {
+                Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(IDLE_WAKE)
+            }
+            None => IDLE_WAKE,
+        }
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(record) = ring.next() {
+            let event = self.decoder.decode(&record);
+            drop(record);
+            match event {
+                Ok(event) => self.ingest(&event),
+                Err(error) => {
+                    log::warn!("dropping ring buffer record: {error}");
+                    self.metrics.record_malformed();
+                }
+            }
+        }
+    }
+
+    fn ingest(&mut self, event: &SocketEvent) {
+        self.metrics.record_event();
+        self.sink.event(event);
+        if let SocketEvent::Reset(reset) = event {
+            self.metrics.record_reset(reset);
+        }
+        if let Effect::Transition { from, to } = self.tracker.ingest(event, &mut self.decided) {
+            self.metrics.record_transition(from, to);
+        }
+        self.publish();
+    }
+
+    /// Decides every socket whose evidence window ended by `now_ns`.
+    fn settle(&mut self, lost: &LostEvents, now_ns: u64) {
+        self.tracker.expire(now_ns, &mut self.decided);
+        self.publish();
+        if now_ns.saturating_sub(self.lost_read_at) >= LOST_REFRESH_NS {
+            self.lost_read_at = now_ns;
+            self.metrics.set_lost(lost.total());
+            self.metrics.set_tracker(
+                self.tracker.stats(),
+                self.tracker.len(),
+                self.tracker.sockets_by_state(),
+            );
+        }
+    }
+
+    fn publish(&mut self) {
+        for closed in self.decided.drain(..) {
+            self.metrics.record_close(&closed);
+            self.sink.closed(&closed);
+        }
+    }
+}

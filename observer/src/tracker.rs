@@ -1,0 +1,522 @@
+//! Follows every socket from its first event to its verdict, in bounded memory.
+//!
+//! Pure state machine: events go in ([`Tracker::ingest`]), closed connections come out
+//! ([`Tracker::expire`]) once their evidence is complete. The caller supplies the clock.
+//!
+//! **When is the evidence complete?** Some RSTs are emitted *after* the final
+//! transition F, in the same kernel call (unread-data and SO_LINGER aborts, the reply to
+//! data after close). The ring buffer delivers records in the order they were reserved,
+//! so they reach us after F, microseconds later. A closed socket therefore waits
+//! [`EVIDENCE_WINDOW`] after F before it is classified; the caller drains the ring before
+//! each [`Tracker::expire`], so everything reserved within that window has been seen. A
+//! socket whose address is reused earlier is decided at once: it was freed, so nothing
+//! more can come.
+//!
+//! **Identity.** The socket pointer, which the kernel reuses after a free. A new
+//! lifetime starts with `CLOSE -> SYN_SENT`, `CLOSE -> LISTEN` or `LISTEN -> SYN_RECV`
+//! (a fresh child); anything still tracked under that address is settled first.
+//!
+//! **Bounds.** At most `capacity` sockets; past that the least recently active is
+//! evicted (counted, never classified on partial evidence), so memory stays bounded
+//! under any churn, including sockets whose final event was lost.
+
+use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize};
+
+use lru::LruCache;
+use serde::Serialize;
+
+use crate::{
+    classify::{self, Close, History, Outcome, ResetSeen, Role, Transition, Verdict},
+    event::{Reset, SocketEvent, SocketId, StateChange},
+    tcp::TcpState,
+};
+
+/// How long after F RSTs of the same kernel call are waited for.
+pub const EVIDENCE_WINDOW_NS: u64 = 100_000_000;
+
+/// Transitions kept per socket; long-lived sockets rarely have more than eight.
+const MAX_TRANSITIONS: usize = 16;
+
+/// A closed connection with its verdict and statistics, as reported everywhere
+/// (metrics, `/connections`, `observer watch`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClosedConnection {
+    /// CLOCK_MONOTONIC nanoseconds of the final transition.
+    pub closed_at_ns: u64,
+    pub netns: u32,
+    pub cookie: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub role: Role,
+    pub verdict: Verdict,
+    /// The service port: local for a server, remote for a client, lower otherwise.
+    pub port: u16,
+    /// States visited, first to last (`close` last).
+    pub states: Vec<TcpState>,
+    /// Open (SYN_SENT / child creation) to F; unknown for sockets opened before us.
+    pub duration_ns: Option<u64>,
+    pub previous_state: TcpState,
+    pub snapshot: crate::event::Snapshot,
+    pub resets: Vec<ResetSeen>,
+}
+
+/// What the caller should count for an ingested event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A real state change (`old != new`).
+    Transition { from: TcpState, to: TcpState },
+    /// Nothing to count.
+    None,
+}
+
+/// Per-socket state while it is tracked.
+#[derive(Clone, Debug)]
+struct Tracked {
+    history: History,
+    state: TcpState,
+    opened_ns: Option<u64>,
+    netns: u32,
+    cookie: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+impl Tracked {
+    fn new(role: Option<Role>, opened_ns: Option<u64>, change: &StateChange) -> Self {
+        Self {
+            history: History { role, ..History::default() },
+            state: change.old,
+            opened_ns,
+            netns: change.netns,
+            cookie: change.cookie,
+            local: change.local,
+            remote: change.remote,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.history.close.is_some()
+    }
+
+    /// Keeps the best-known 4-tuple: SYN_SENT has no local port yet, and on kernels
+    /// before 6.13 a new child's first event carries the listener's addresses.
+    fn learn_addresses(&mut self, change: &StateChange) {
+        if change.local.port() != 0 && !change.local.ip().is_unspecified() {
+            self.local = change.local;
+        } else if self.local.port() == 0 {
+            self.local.set_port(change.local.port());
+        }
+        if change.remote.port() != 0 {
+            self.remote = change.remote;
+        }
+        if self.cookie == 0 {
+            self.cookie = change.cookie;
+        }
+        if self.netns == 0 {
+            self.netns = change.netns;
+        }
+    }
+}
+
+/// Counters the tracker keeps about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Sockets dropped undecided because the table was full.
+    pub evicted: u64,
+    /// Sockets whose address was reused before we saw their final transition.
+    pub replaced: u64,
+}
+
+pub struct Tracker {
+    sockets: LruCache<SocketId, Tracked>,
+    /// Closed sockets waiting for late evidence, in order of F.
+    closing: VecDeque<(u64, SocketId)>,
+    /// Live sockets per current state (for `observer_tcp_sockets`).
+    by_state: [i64; TcpState::ALL.len()],
+    stats: TrackerStats,
+}
+
+fn state_index(state: TcpState) -> usize {
+    TcpState::ALL.iter().position(|s| *s == state).unwrap_or(TcpState::ALL.len() - 1)
+}
+
+impl Tracker {
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            sockets: LruCache::new(capacity),
+            closing: VecDeque::new(),
+            by_state: [0; TcpState::ALL.len()],
+            stats: TrackerStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> TrackerStats {
+        self.stats
+    }
+
+    /// Sockets currently tracked (live and awaiting a verdict).
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Live tracked sockets in each state.
+    pub fn sockets_by_state(&self) -> impl Iterator<Item = (TcpState, i64)> + '_ {
+        TcpState::ALL.iter().copied().zip(self.by_state.iter().copied())
+    }
+
+    /// When the oldest closed socket's evidence window ends.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.closing.front().map(|(deadline, _)| *deadline)
+    }
+
+    /// Feeds one event; verdicts settled on the way (address reuse, eviction) are
+    /// appended to `decided`.
+    pub fn ingest(&mut self, event: &SocketEvent, decided: &mut Vec<ClosedConnection>) -> Effect {
+        match event {
+            SocketEvent::State(change) => self.state_change(change, decided),
+            SocketEvent::Reset(reset) => {
+                self.reset(reset, decided);
+                Effect::None
+            }
+        }
+    }
+
+    /// Classifies every closed socket whose evidence window ended at or before `now_ns`
+    /// (CLOCK_MONOTONIC). Drain the ring buffer first.
+    pub fn expire(&mut self, now_ns: u64, decided: &mut Vec<ClosedConnection>) {
+        while let Some(&(deadline, socket)) = self.closing.front() {
+            if deadline > now_ns {
+                break;
+            }
+            self.closing.pop_front();
+            // Stale entries (already settled by reuse or eviction) are skipped.
+            let current = self.sockets.peek(&socket).and_then(|t| t.history.close);
+            if current.is_some_and(|c| c.timestamp_ns + EVIDENCE_WINDOW_NS == deadline)
+                && let Some(tracked) = self.sockets.pop(&socket)
+            {
+                decided.extend(finish(tracked));
+            }
+        }
+    }
+
+    /// Classifies everything already closed, regardless of the window (shutdown).
+    pub fn flush(&mut self, decided: &mut Vec<ClosedConnection>) {
+        self.expire(u64::MAX, decided);
+    }
+
+    fn state_change(&mut self, change: &StateChange, decided: &mut Vec<ClosedConnection>) -> Effect {
+        let birth = match (change.old, change.new) {
+            (TcpState::Close, TcpState::SynSent) => Some(Role::Client),
+            (TcpState::Listen, TcpState::SynRecv) => Some(Role::Server),
+            (TcpState::Close, TcpState::Listen) => Some(Role::Unknown),
+            _ => None,
+        };
+        if let Some(role) = birth {
+            self.settle_previous_lifetime(change.socket, decided);
+            let role = (role != Role::Unknown).then_some(role);
+            let mut tracked = Tracked::new(role, Some(change.timestamp_ns), change);
+            tracked.state = change.old;
+            self.insert(change.socket, tracked, decided);
+        } else if self.sockets.peek(&change.socket).is_none_or(|t| t.is_closed()) {
+            if change.old == change.new || change.old == TcpState::Close {
+                // CLOSE -> CLOSE after a listener abort, or a repeat of a settled socket.
+                return Effect::None;
+            }
+            // First sight of a socket opened before we started.
+            self.settle_previous_lifetime(change.socket, decided);
+            self.insert(change.socket, Tracked::new(None, None, change), decided);
+        }
+
+        let Some(tracked) = self.sockets.get_mut(&change.socket) else { return Effect::None };
+        if tracked.history.transitions.len() < MAX_TRANSITIONS || change.new == TcpState::Close {
+            tracked.history.transitions.push(Transition {
+                old: change.old,
+                new: change.new,
+                timestamp_ns: change.timestamp_ns,
+            });
+        }
+        tracked.learn_addresses(change);
+        if change.old == change.new {
+            return Effect::None;
+        }
+        let previous = tracked.state;
+        tracked.state = change.new;
+        self.by_state[state_index(previous)] -= 1;
+        if change.new == TcpState::Close {
+            tracked.history.close = Some(Close {
+                previous: change.old,
+                timestamp_ns: change.timestamp_ns,
+                snapshot: change.snapshot,
+            });
+            self.closing.push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
+        } else {
+            self.by_state[state_index(change.new)] += 1;
+        }
+        Effect::Transition { from: change.old, to: change.new }
+    }
+
+    fn reset(&mut self, reset: &Reset, decided: &mut Vec<ClosedConnection>) {
+        if !self.sockets.contains(&reset.socket) {
+            // RSTs from timewait/request sockets and listeners, or after a socket was
+            // settled, belong to no connection we follow.
+            if matches!(
+                reset.state,
+                TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Listen
+            ) {
+                return;
+            }
+            // A socket opened before we started, about to be reset or time out.
+            // Its addresses arrive with its final transition.
+            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+            let placeholder = Tracked {
+                history: History::default(),
+                state: reset.state,
+                opened_ns: None,
+                netns: 0,
+                cookie: reset.cookie,
+                local: unknown,
+                remote: unknown,
+            };
+            self.insert(reset.socket, placeholder, decided);
+        }
+        if let Some(tracked) = self.sockets.get_mut(&reset.socket) {
+            let after_close = tracked.is_closed();
+            tracked.history.resets.push(ResetSeen {
+                direction: reset.direction,
+                reason: reset.reason,
+                answers_packet: reset.answers_packet,
+                after_close,
+            });
+        }
+    }
+
+    /// A new socket at this address: whatever was there has been freed.
+    fn settle_previous_lifetime(&mut self, socket: SocketId, decided: &mut Vec<ClosedConnection>) {
+        if let Some(previous) = self.sockets.pop(&socket) {
+            if previous.is_closed() {
+                decided.extend(finish(previous));
+            } else {
+                // Its final transition was lost (ring buffer full): no verdict.
+                self.forget(&previous);
+                self.stats.replaced += 1;
+            }
+        }
+    }
+
+    fn insert(&mut self, socket: SocketId, tracked: Tracked, decided: &mut Vec<ClosedConnection>) {
+        self.by_state[state_index(tracked.state)] += 1;
+        if let Some((_, evicted)) = self.sockets.push(socket, tracked) {
+            if evicted.is_closed() {
+                // Its window is cut short, but F and the RSTs of its own call are in.
+                decided.extend(finish(evicted));
+            } else {
+                self.forget(&evicted);
+                self.stats.evicted += 1;
+            }
+        }
+    }
+
+    fn forget(&mut self, tracked: &Tracked) {
+        if !tracked.is_closed() {
+            self.by_state[state_index(tracked.state)] -= 1;
+        }
+    }
+}
+
+/// Classifies a closed socket; listeners yield nothing.
+fn finish(tracked: Tracked) -> Option<ClosedConnection> {
+    let close = tracked.history.close?;
+    let verdict = match classify::classify(&tracked.history) {
+        Outcome::Connection(verdict) => verdict,
+        Outcome::Listener | Outcome::Open => return None,
+    };
+    let role = tracked.history.role.unwrap_or(Role::Unknown);
+    let port = match role {
+        Role::Server => tracked.local.port(),
+        Role::Client => tracked.remote.port(),
+        Role::Unknown => match (tracked.local.port(), tracked.remote.port()) {
+            (0, remote) => remote,
+            (local, 0) => local,
+            (local, remote) => local.min(remote),
+        },
+    };
+    let mut states = Vec::with_capacity(tracked.history.transitions.len() + 1);
+    for transition in &tracked.history.transitions {
+        if states.is_empty() {
+            states.push(transition.old);
+        }
+        if states.last() != Some(&transition.new) {
+            states.push(transition.new);
+        }
+    }
+    Some(ClosedConnection {
+        closed_at_ns: close.timestamp_ns,
+        netns: tracked.netns,
+        cookie: tracked.cookie,
+        local: tracked.local,
+        remote: tracked.remote,
+        role,
+        verdict,
+        port,
+        states,
+        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
+        previous_state: close.previous,
+        snapshot: close.snapshot,
+        resets: tracked.history.resets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        classify::{Cause, Class},
+        event::{ResetDirection, Snapshot},
+        tcp::ResetReason,
+    };
+
+    const SOCK: SocketId = 0xffff_8880_0000_1000;
+
+    fn change(socket: SocketId, ts_ms: u64, old: TcpState, new: TcpState, s: Snapshot) -> SocketEvent {
+        SocketEvent::State(StateChange {
+            timestamp_ns: ts_ms * 1_000_000,
+            socket,
+            cookie: 7,
+            netns: 1,
+            old,
+            new,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+            snapshot: s,
+        })
+    }
+
+    fn tracker(capacity: usize) -> Tracker {
+        Tracker::new(NonZeroUsize::new(capacity).unwrap())
+    }
+
+    fn feed(tracker: &mut Tracker, events: &[SocketEvent]) -> Vec<ClosedConnection> {
+        let mut decided = Vec::new();
+        for event in events {
+            tracker.ingest(event, &mut decided);
+        }
+        decided
+    }
+
+    fn linger_zero() -> Snapshot {
+        Snapshot {
+            has_socket: true,
+            shutdown: 3,
+            flags: crate::tcp::SockFlags { linger: true, ..Default::default() },
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn waits_for_the_reset_that_follows_the_close() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let mut decided = feed(&mut t, &[
+            change(SOCK, 1, Close, SynSent, Snapshot::default()),
+            change(SOCK, 2, SynSent, Established, Snapshot::default()),
+            // Unread data at close: nothing in the snapshot says linger, the RST says why.
+            change(SOCK, 3, Established, Close, Snapshot { has_socket: true, shutdown: 3, unread_bytes: 5, ..Default::default() }),
+        ]);
+        assert!(decided.is_empty());
+        assert_eq!(t.next_deadline_ns(), Some(3_000_000 + EVIDENCE_WINDOW_NS));
+        t.expire(3_000_000 + EVIDENCE_WINDOW_NS - 1, &mut decided);
+        assert!(decided.is_empty(), "decided before the evidence window ended");
+        t.ingest(
+            &SocketEvent::Reset(Reset {
+                timestamp_ns: 3_000_100,
+                socket: SOCK,
+                cookie: 7,
+                direction: ResetDirection::Sent,
+                state: Close,
+                reason: Some(ResetReason::TcpAbortOnClose),
+                answers_packet: false,
+            }),
+            &mut decided,
+        );
+        t.expire(3_000_000 + EVIDENCE_WINDOW_NS, &mut decided);
+        assert_eq!(decided.len(), 1);
+        let closed = &decided[0];
+        assert_eq!(closed.verdict.cause, Cause::UnreadData);
+        assert_eq!(closed.role, Role::Client);
+        assert_eq!(closed.port, 80);
+        assert_eq!(closed.states, vec![Close, SynSent, Established, Close]);
+        assert_eq!(closed.duration_ns, Some(2_000_000));
+        assert!(t.is_empty());
+        assert!(t.sockets_by_state().all(|(_, n)| n == 0));
+    }
+
+    #[test]
+    fn address_reuse_settles_the_previous_socket_at_once() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let decided = feed(&mut t, &[
+            change(SOCK, 1, Close, SynSent, Snapshot::default()),
+            change(SOCK, 2, SynSent, Established, Snapshot::default()),
+            change(SOCK, 3, Established, Close, linger_zero()),
+            change(SOCK, 4, Close, SynSent, Snapshot::default()),
+        ]);
+        assert_eq!(decided.len(), 1);
+        assert_eq!(decided[0].verdict.cause, Cause::LingerZero);
+        assert_eq!(t.len(), 1);
+        let counts: Vec<_> = t.sockets_by_state().filter(|(_, n)| *n != 0).collect();
+        assert_eq!(counts, vec![(SynSent, 1)]);
+        // The stale deadline of the first lifetime must not settle the second.
+        let mut later = Vec::new();
+        t.expire(u64::MAX / 2, &mut later);
+        assert!(later.is_empty());
+    }
+
+    #[test]
+    fn capacity_bounds_memory_and_counts_evictions() {
+        use TcpState::*;
+        let mut t = tracker(4);
+        for i in 0..100 {
+            feed(&mut t, &[change(SOCK + i * 4096, i, Close, SynSent, Snapshot::default())]);
+        }
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.stats().evicted, 96);
+        let live: i64 = t.sockets_by_state().map(|(_, n)| n).sum();
+        assert_eq!(live, 4);
+    }
+
+    #[test]
+    fn listeners_are_tracked_but_not_reported() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let mut decided = feed(&mut t, &[
+            change(SOCK, 1, Close, Listen, Snapshot::default()),
+            change(SOCK, 5, Listen, Close, Snapshot::default()),
+            change(SOCK, 5, Close, Close, Snapshot { sk_err: 103, ..Default::default() }),
+        ]);
+        t.flush(&mut decided);
+        assert!(decided.is_empty());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn sockets_opened_before_start_have_unknown_role_and_lower_port() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let mut decided = feed(&mut t, &[
+            change(SOCK, 1, Established, FinWait1, Snapshot::default()),
+            change(SOCK, 2, FinWait1, FinWait2, Snapshot::default()),
+            change(SOCK, 2, FinWait2, Close, Snapshot { flags: crate::tcp::SockFlags { dead: true, ..Default::default() }, shutdown: 3, ..Default::default() }),
+        ]);
+        t.flush(&mut decided);
+        assert_eq!(decided.len(), 1);
+        let closed = &decided[0];
+        assert_eq!(closed.role, Role::Unknown);
+        assert_eq!(closed.port, 80);
+        assert_eq!(closed.duration_ns, None);
+        assert_eq!((closed.verdict.class(), closed.verdict.cause), (Class::Fin, Cause::Active));
+    }
+}
