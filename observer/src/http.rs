@@ -20,26 +20,35 @@ use serde::Deserialize;
 
 use crate::{metrics::Metrics, report::ConnectionReport};
 
-/// The most recent verdicts, for `/connections`.
+/// The most recent verdicts, for `/connections`, each numbered in order (`seq`) so a
+/// client can ask only for what is new (`?after=<seq>`).
 pub struct RecentConnections {
     max: usize,
-    items: Mutex<VecDeque<ConnectionReport>>,
+    items: Mutex<Recent>,
+}
+
+#[derive(Default)]
+struct Recent {
+    next_seq: u64,
+    reports: VecDeque<ConnectionReport>,
 }
 
 impl RecentConnections {
     pub fn new(max: usize) -> Self {
-        Self { max, items: Mutex::new(VecDeque::new()) }
+        Self { max, items: Mutex::new(Recent { next_seq: 1, reports: VecDeque::new() }) }
     }
 
-    pub fn push(&self, report: ConnectionReport) {
+    pub fn push(&self, mut report: ConnectionReport) {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        report.seq = items.next_seq;
+        items.next_seq += 1;
         if self.max == 0 {
             return;
         }
-        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        if items.len() == self.max {
-            items.pop_front();
+        if items.reports.len() == self.max {
+            items.reports.pop_front();
         }
-        items.push_back(report);
+        items.reports.push_back(report);
     }
 }
 
@@ -67,7 +76,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
          <p>How every TCP connection on this host ended.</p><ul>\
          <li><a href=\"{path}\">{path}</a>: Prometheus metrics</li>\
          <li><a href=\"/connections\">/connections</a>: recent closed connections (JSON; \
-         filters: port, netns, class, cause, limit)</li>\
+         filters: after, port, netns, class, cause, limit)</li>\
          <li><a href=\"/healthz\">/healthz</a></li></ul></body></html>",
         path = state.telemetry_path
     ))
@@ -91,6 +100,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
 
 #[derive(Debug, Default, Deserialize)]
 struct Filter {
+    after: Option<u64>,
     port: Option<u16>,
     netns: Option<u32>,
     class: Option<String>,
@@ -100,7 +110,8 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, report: &ConnectionReport) -> bool {
-        self.port.is_none_or(|port| report.port == port)
+        self.after.is_none_or(|after| report.seq > after)
+            && self.port.is_none_or(|port| report.port == port)
             && self.netns.is_none_or(|netns| report.netns == netns)
             && self.class.as_deref().is_none_or(|class| report.class.name() == class)
             && self.cause.as_deref().is_none_or(|cause| report.cause.name() == cause)
@@ -114,7 +125,7 @@ async fn connections(
 ) -> Json<Vec<ConnectionReport>> {
     let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
     let mut selected: Vec<ConnectionReport> =
-        items.iter().filter(|report| filter.matches(report)).cloned().collect();
+        items.reports.iter().filter(|report| filter.matches(report)).cloned().collect();
     drop(items);
     if let Some(limit) = filter.limit
         && selected.len() > limit

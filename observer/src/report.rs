@@ -18,6 +18,8 @@ use crate::{
 /// One closed connection, ready to serialise.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionReport {
+    /// Position in the daemon's stream of verdicts (1, 2, …); 0 outside the daemon.
+    pub seq: u64,
     /// Wall-clock time of the final transition (RFC 3339, UTC).
     pub closed_at: String,
     /// Network namespace inode (as in `readlink /proc/PID/ns/net`).
@@ -79,6 +81,7 @@ pub fn monotonic_ns() -> u64 {
 impl ConnectionReport {
     pub fn new(closed: &ClosedConnection, clock: &Clock) -> Self {
         Self {
+            seq: 0,
             closed_at: humantime::format_rfc3339_millis(clock.wall(closed.closed_at_ns)).to_string(),
             netns: closed.netns,
             cookie: closed.cookie,

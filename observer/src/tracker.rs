@@ -345,8 +345,11 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
         },
     };
     let mut states = Vec::with_capacity(tracked.history.transitions.len() + 1);
-    for transition in &tracked.history.transitions {
-        if states.is_empty() {
+    for (index, transition) in tracked.history.transitions.iter().enumerate() {
+        // A socket born while we watched starts in its first new state (a client was
+        // never meaningfully "close", a child never "listen"); one opened before we
+        // started starts where we first saw it.
+        if index == 0 && tracked.opened_ns.is_none() {
             states.push(transition.old);
         }
         if states.last() != Some(&transition.new) {
@@ -448,7 +451,7 @@ mod tests {
         assert_eq!(closed.verdict.cause, Cause::UnreadData);
         assert_eq!(closed.role, Role::Client);
         assert_eq!(closed.port, 80);
-        assert_eq!(closed.states, vec![Close, SynSent, Established, Close]);
+        assert_eq!(closed.states, vec![SynSent, Established, Close]);
         assert_eq!(closed.duration_ns, Some(2_000_000));
         assert!(t.is_empty());
         assert!(t.sockets_by_state().all(|(_, n)| n == 0));

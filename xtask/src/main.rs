@@ -1,1 +1,47 @@
-fn main() {}
+//! `cargo xtask`: what cargo alone cannot do for observer.
+//!
+//! * `cargo xtask run -- <observer flags>`: set up the toolchain, build the release
+//!   daemon and run it.
+//! * `cargo xtask test`: set up the toolchain and test tools, check formatting and
+//!   lints, run the unit tests, then the integration scenarios as root.
+//!
+//! Both start with [`bootstrap`], which installs only what is missing and says so.
+
+mod bootstrap;
+mod command;
+mod run;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test observer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the release daemon and run it (flags after `--` go to observer).
+    Run(run::Options),
+    /// Lint, unit-test, and run the integration scenarios (needs root).
+    Test(test::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(options) => run::run(options),
+        Command::Test(options) => test::run(options),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

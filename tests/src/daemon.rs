@@ -1,0 +1,227 @@
+//! The observer daemon under test: one real process for the whole test run (loading and
+//! attaching eBPF is the slow part), queried over HTTP like an operator would.
+//!
+//! Scenarios tell their connections apart by network namespace (`/connections?netns=`)
+//! and by service port in the metrics, so they never see each other's verdicts.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    net::TcpListener,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use crate::net::Namespace;
+
+/// How long a verdict may take to appear (the daemon waits 100 ms after a close).
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The daemon binary, built by `cargo xtask test`.
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("OBSERVER_BIN")
+        .map(PathBuf::from)
+        .expect("OBSERVER_BIN is not set: run the integration tests with `cargo xtask test`");
+    assert!(path.exists(), "OBSERVER_BIN={} does not exist", path.display());
+    path
+}
+
+/// A free TCP port on the host's loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Daemon {
+    pub base_url: String,
+    pub log: PathBuf,
+    pub pid: u32,
+}
+
+/// The shared daemon, started on first use and killed when the test process exits.
+pub fn daemon() -> &'static Daemon {
+    static DAEMON: OnceLock<Daemon> = OnceLock::new();
+    DAEMON.get_or_init(start)
+}
+
+fn start() -> Daemon {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("observer-tests-{}.log", std::process::id()));
+    let (sender, receiver) = mpsc::channel();
+    let binary = binary();
+    let log_path = log.clone();
+    // The child is told to die with its parent *thread* (PR_SET_PDEATHSIG), so it is
+    // spawned from a thread that lives as long as the test process.
+    std::thread::spawn(move || {
+        let log_file = File::create(&log_path).expect("daemon log");
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+                "--connections.max-recent",
+                "100000",
+                "--log.level",
+                "info",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child: Child = command.spawn().expect("start observer");
+        sender.send(child.id()).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    let pid = receiver.recv().unwrap();
+    let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
+    let ready = wait_until(Duration::from_secs(30), || {
+        ureq::get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
+    });
+    assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
+    daemon
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One closed connection as `/connections` reports it (the fields tests look at).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Connection {
+    pub seq: u64,
+    pub closed_at: String,
+    pub netns: u64,
+    pub family: String,
+    pub local: String,
+    pub remote: String,
+    pub role: String,
+    pub port: u16,
+    pub class: String,
+    pub cause: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+    pub states: Vec<String>,
+    pub sk_err: i32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    #[serde(default)]
+    pub duration_seconds: Option<f64>,
+}
+
+impl Connection {
+    pub fn verdict(&self) -> (&str, &str) {
+        (self.class.as_str(), self.cause.as_str())
+    }
+}
+
+impl Daemon {
+    pub fn get(&self, path: &str) -> String {
+        ureq::get(&format!("{}{path}", self.base_url))
+            .call()
+            .unwrap_or_else(|error| panic!("GET {path}: {error}\n{}", self.log_tail()))
+            .body_mut()
+            .read_to_string()
+            .expect("response body")
+    }
+
+    /// Verdicts on connections of `namespace`, oldest first.
+    pub fn connections(&self, namespace: &Namespace) -> Vec<Connection> {
+        let body = self.get(&format!(
+            "/connections?netns={}&after={}",
+            namespace.inode(),
+            namespace.first_seq
+        ));
+        let all: Vec<Connection> = serde_json::from_str(&body)
+            .unwrap_or_else(|error| panic!("bad JSON ({error}): {body}"));
+        all.into_iter()
+            .filter(|c| {
+                humantime::parse_rfc3339(&c.closed_at).expect("closed_at") >= namespace.created_at
+            })
+            .collect()
+    }
+
+    /// `seq` of the newest verdict so far.
+    pub fn last_seq(&self) -> u64 {
+        let body = self.get("/connections?limit=1");
+        let newest: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+        newest.first().and_then(|c| c["seq"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits until `namespace` has `count` verdicts and returns them; fails if it gets
+    /// more, or not that many in time.
+    pub fn verdicts(&self, namespace: &Namespace, count: usize) -> Vec<Connection> {
+        self.verdicts_within(namespace, count, VERDICT_TIMEOUT)
+    }
+
+    pub fn verdicts_within(&self, namespace: &Namespace, count: usize, timeout: Duration) -> Vec<Connection> {
+        let mut seen = Vec::new();
+        wait_until(timeout, || {
+            seen = self.connections(namespace);
+            seen.len() >= count
+        });
+        assert_eq!(
+            seen.len(),
+            count,
+            "expected {count} verdict(s) in {}, got {seen:#?}\ndaemon log:\n{}",
+            namespace.name(),
+            self.log_tail()
+        );
+        seen
+    }
+
+    /// The single verdict of `namespace`.
+    pub fn verdict(&self, namespace: &Namespace) -> Connection {
+        self.verdicts(namespace, 1).remove(0)
+    }
+
+    /// Samples of the exposition, keyed by `name{labels}` as printed.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        self.get("/metrics")
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .filter_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                Some((key.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sum of the samples of `name` whose labels include every `label="value"` given.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(key, _)| {
+                key.split('{').next() == Some(name)
+                    && labels.iter().all(|(label, value)| key.contains(&format!("{label}=\"{value}\"")))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}

@@ -1,0 +1,114 @@
+//! Graceful endings: FIN from one side, the other, or both at once.
+
+use std::{io::Write as _, net::Shutdown, thread};
+
+use super::{Mib, assert_verdict};
+use crate::{daemon::daemon, net::Pair, sock};
+
+/// No RST may cross the wire in a graceful close.
+const NO_RESETS: [(&str, i64); 2] = [("TcpOutRsts", 0), ("TcpEstabResets", 0)];
+
+#[test]
+fn active_close() {
+    let pair = Pair::new();
+    let (client_mib, server_mib) = (Mib::snapshot(&pair.client), Mib::snapshot(&pair.server));
+    let (client, server) = pair.connect(7001);
+    drop(client);
+    // The server holds its end until the client's close is final: no FIN crossing.
+    let client_verdict = daemon().verdict(&pair.client);
+    assert_verdict(&client_verdict, "client", "fin", "active");
+    assert_eq!(client_verdict.detail.as_deref(), Some("fin_wait2"), "peer FIN not yet seen");
+    drop(server);
+    assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
+    client_mib.assert_deltas(&NO_RESETS);
+    server_mib.assert_deltas(&NO_RESETS);
+}
+
+#[test]
+fn passive_close() {
+    let pair = Pair::new();
+    let (client, server) = pair.connect(7002);
+    drop(server);
+    let server_verdict = daemon().verdict(&pair.server);
+    assert_verdict(&server_verdict, "server", "fin", "active");
+    drop(client);
+    let client_verdict = daemon().verdict(&pair.client);
+    assert_verdict(&client_verdict, "client", "fin", "passive");
+    assert_eq!(client_verdict.states, ["syn_sent", "established", "close_wait", "last_ack", "close"]);
+    assert_eq!(client_verdict.port, 7002);
+    assert_eq!(server_verdict.port, 7002);
+}
+
+/// The server closes as soon as it reads EOF: its FIN rides on the ACK of the client's.
+#[test]
+fn three_way_close() {
+    let pair = Pair::new();
+    let (client, server) = pair.connect(7003);
+    let reader = thread::spawn(move || {
+        sock::read_to_end(&server);
+        drop(server);
+    });
+    drop(client);
+    reader.join().unwrap();
+    let client_verdict = daemon().verdict(&pair.client);
+    assert_verdict(&client_verdict, "client", "fin", "active");
+    assert_eq!(client_verdict.detail.as_deref(), Some("three_way"));
+    assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
+}
+
+/// Both FINs are sent before either arrives: the link drops everything while both
+/// sides close, then their retransmissions cross.
+#[test]
+fn simultaneous_close() {
+    let pair = Pair::new();
+    let (client, server) = pair.connect(7004);
+    pair.black_hole();
+    drop(client);
+    drop(server);
+    pair.heal();
+    for (namespace, role) in [(&pair.client, "client"), (&pair.server, "server")] {
+        let verdict = daemon().verdict(namespace);
+        assert_verdict(&verdict, role, "fin", "simultaneous");
+        assert!(verdict.states.contains(&"closing".to_string()), "{verdict:#?}");
+    }
+}
+
+/// `kill -9` of the process holding the connection: the kernel sends the FIN.
+#[test]
+fn killed_process() {
+    let pair = Pair::new();
+    let server_mib = Mib::snapshot(&pair.server);
+    let (client, server) = pair.connect(7005);
+    let mut holder = sock::give_to_process(client);
+    holder.kill().expect("SIGKILL");
+    holder.wait().unwrap();
+    sock::read_to_end(&server);
+    drop(server);
+    assert_verdict(&daemon().verdict(&pair.client), "client", "fin", "active");
+    assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
+    server_mib.assert_deltas(&NO_RESETS);
+}
+
+/// shutdown(SHUT_WR) then read the answer: a half-close, still graceful.
+#[test]
+fn half_close() {
+    let pair = Pair::new();
+    let (client, mut server) = pair.connect(7006);
+    (&client).write_all(b"request").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(sock::read_to_end(&server), 7);
+    server.write_all(b"response").unwrap();
+    drop(server);
+    assert_eq!(sock::read_to_end(&client), 8);
+    let client_verdict = daemon().verdict(&pair.client);
+    assert_verdict(&client_verdict, "client", "fin", "active");
+    // The kernel's counters (as `ss -i` shows them) count the SYN and FIN too: 1 + 7 + 1
+    // sent and acknowledged; 1 (SYN) + 8 received when the peer's FIN arrives.
+    assert_eq!(client_verdict.bytes_acked, 9);
+    assert_eq!(client_verdict.bytes_received, 9);
+    assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
+    // The final close() of the client adds nothing: the connection already ended.
+    drop(client);
+    super::barrier(&pair);
+    assert_eq!(super::verdicts_besides_barrier(&pair.client).len(), 1);
+}

@@ -1,0 +1,162 @@
+//! Makes sure the tools observer builds and tests with are installed; installs what is
+//! missing (and says so), does nothing when everything is there.
+//!
+//! The eBPF build chain (docs/building.md): a nightly rustc with rust-src builds the
+//! programs for bpfel-unknown-none, and bpf-linker 0.13 links them. bpf-linker embeds an
+//! LLVM that must have the same major version as nightly's (22 here): it is built
+//! against Debian's llvm-22-dev. If the installed `nightly` ever moves to another LLVM,
+//! we use the pinned nightly that matches instead of breaking.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::command::{exec, is_root, on_path, output};
+
+/// LLVM major version of bpf-linker and of the nightly we build eBPF with.
+const LLVM_MAJOR: &str = "22";
+/// A nightly known to use LLVM 22, used if `nightly` does not.
+const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Installs Debian packages, running `apt-get update` at most once.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str], why: &str) -> anyhow::Result<()> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        let list = packages.join(" ");
+        if !is_root() {
+            bail!("{why} needs the Debian packages {list}; install them (apt-get install {list}) or run as root");
+        }
+        println!("xtask: installing {list} with apt-get ({why})");
+        if !self.updated {
+            exec(Command::new("apt-get").args(["update", "-qq"]))?;
+            self.updated = true;
+        }
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    }
+}
+
+fn package_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+/// The toolchain to build the eBPF crate with, for `OBSERVER_BPF_TOOLCHAIN`.
+pub struct BuildTools {
+    pub bpf_toolchain: String,
+}
+
+/// Nightly + rust-src, llvm-22-dev and bpf-linker 0.13 on LLVM 22.
+pub fn build_tools() -> anyhow::Result<BuildTools> {
+    let mut apt = Apt::default();
+    let bpf_toolchain = nightly_with_rust_src()?;
+    if !package_installed("llvm-22-dev") {
+        apt.install(&["llvm-22-dev"], "bpf-linker links against LLVM 22")?;
+    }
+    bpf_linker()?;
+    Ok(BuildTools { bpf_toolchain })
+}
+
+/// Tools the integration tests drive: iproute2 (ip, ss, nstat) and Prometheus.
+pub fn test_tools() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    let mut missing = Vec::new();
+    for (program, package) in
+        [("ip", "iproute2"), ("ss", "iproute2"), ("nstat", "iproute2"), ("promtool", "prometheus"), ("prometheus", "prometheus")]
+    {
+        if !on_path(program) && !missing.contains(&package) {
+            missing.push(package);
+        }
+    }
+    apt.install(&missing, "the integration tests")
+}
+
+fn llvm_major(toolchain: &str) -> Option<String> {
+    let version = output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
+    let llvm = version.lines().find_map(|line| line.strip_prefix("LLVM version: "))?;
+    llvm.split('.').next().map(str::to_string)
+}
+
+fn nightly_with_rust_src() -> anyhow::Result<String> {
+    if !on_path("rustup") {
+        bail!("rustup is not on PATH; observer's eBPF build needs a rustup-managed nightly");
+    }
+    let toolchain = if llvm_major("nightly").as_deref() == Some(LLVM_MAJOR) {
+        "nightly"
+    } else {
+        if llvm_major(PINNED_NIGHTLY).is_none() {
+            println!("xtask: installing {PINNED_NIGHTLY} (its LLVM matches bpf-linker's)");
+            exec(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                PINNED_NIGHTLY,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+        }
+        match llvm_major(PINNED_NIGHTLY) {
+            Some(major) if major == LLVM_MAJOR => PINNED_NIGHTLY,
+            other => bail!("{PINNED_NIGHTLY} uses LLVM {other:?}, expected {LLVM_MAJOR}"),
+        }
+    };
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|line| line.starts_with("rust-src")) {
+        println!("xtask: adding rust-src to {toolchain} (the eBPF build compiles core)");
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))?;
+    }
+    Ok(toolchain.to_string())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") && bpf_linker_uses_llvm_22() {
+        return Ok(());
+    }
+    println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} for LLVM {LLVM_MAJOR} (takes a few minutes, once)");
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+    .context("building bpf-linker")
+}
+
+/// bpf-linker loads libLLVM dynamically; the one it was built against must be 22.
+fn bpf_linker_uses_llvm_22() -> bool {
+    let Some(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) else {
+        return false;
+    };
+    output(Command::new("ldd").arg(path.trim())).is_some_and(|libs| libs.contains("libLLVM.so.22"))
+}

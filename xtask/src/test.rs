@@ -1,0 +1,83 @@
+//! `cargo xtask test`: bootstrap, lint, unit tests, then the integration scenarios.
+//!
+//! The integration tests (crate `observer-tests`) create network namespaces, run the
+//! real daemon and compare its verdicts with the kernel's own counters, so they need
+//! root. They find the daemon through `OBSERVER_BIN`.
+
+use anyhow::bail;
+
+use crate::{
+    bootstrap,
+    command::{cargo, exec, is_root, target_dir},
+};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip `cargo fmt --check` and `cargo clippy`.
+    #[arg(long)]
+    no_lint: bool,
+    /// Skip the integration scenarios (no root needed).
+    #[arg(long)]
+    unit_only: bool,
+    /// Arguments for the integration test harness, e.g. a test name filter.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    harness_args: Vec<String>,
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let Options { no_lint, unit_only, harness_args } = options;
+    let tools = bootstrap::build_tools()?;
+    if !unit_only {
+        if !is_root() {
+            bail!("the integration tests need root (network namespaces, eBPF); rerun as root or with --unit-only");
+        }
+        bootstrap::test_tools()?;
+    }
+    let with_toolchain = |command: &mut std::process::Command| {
+        command.env("OBSERVER_BPF_TOOLCHAIN", &tools.bpf_toolchain);
+    };
+
+    if !no_lint {
+        println!("xtask: cargo fmt --check");
+        exec(cargo().args(["fmt", "--all", "--check"]))?;
+        println!("xtask: cargo clippy");
+        let mut clippy = cargo();
+        clippy.args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "observer-ebpf",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        with_toolchain(&mut clippy);
+        exec(&mut clippy)?;
+    }
+
+    println!("xtask: unit tests");
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "observer-ebpf", "--exclude", "observer-tests"]);
+    with_toolchain(&mut unit);
+    exec(&mut unit)?;
+    if unit_only {
+        return Ok(());
+    }
+
+    println!("xtask: building the daemon for the integration tests");
+    let mut build = cargo();
+    build.args(["build", "--release", "--package", "observer"]);
+    with_toolchain(&mut build);
+    exec(&mut build)?;
+
+    println!("xtask: integration scenarios (real kernel, network namespaces)");
+    let mut integration = cargo();
+    integration
+        .args(["test", "--release", "--package", "observer-tests", "--"])
+        .args(&harness_args)
+        .env("OBSERVER_BIN", target_dir().join("release/observer"));
+    with_toolchain(&mut integration);
+    exec(&mut integration)
+}
