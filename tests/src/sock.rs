@@ -129,3 +129,8 @@ pub fn stream_from(socket: socket2::Socket) -> TcpStream {
     // SAFETY: the descriptor is a TCP socket we own.
     unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
 }
+
+/// SO_RCVBUF on a listener, inherited by the sockets it accepts (sets their window).
+pub fn set_receive_buffer_listener(listener: &std::net::TcpListener, bytes: usize) {
+    SockRef::from(listener).set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+}
