@@ -19,19 +19,18 @@
 use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    Global,
+    EbpfContext as _, Global,
     helpers::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     },
-    EbpfContext as _,
     macros::{btf_tracepoint, map},
     maps::{PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use observer_common::{
-    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent,
-    SockField, StateEvent,
+    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent, SockField,
+    StateEvent,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
@@ -125,7 +124,13 @@ fn record_reset(
     }
     let mut cookie = 0u64;
     // SAFETY: reads kernel memory through the fault-tolerant helper into a local.
-    unsafe { read_word(skaddr, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
+    unsafe {
+        read_word(
+            skaddr,
+            config.sock_fields[SockField::Cookie as usize],
+            &mut cookie,
+        )
+    };
     let event = ResetEvent {
         header: header(kind, skaddr, cookie),
         state: read_u8(skaddr, config.state),
@@ -151,7 +156,11 @@ fn arg_value(ctx: &BtfTracePointContext, n: usize) -> u64 {
         bpf_probe_read_kernel(
             (&mut value as *mut u64).cast(),
             8,
-            ctx.as_ptr().cast::<u64>().add(n).cast::<c_void>().cast_const(),
+            ctx.as_ptr()
+                .cast::<u64>()
+                .add(n)
+                .cast::<c_void>()
+                .cast_const(),
         )
     };
     value

@@ -227,11 +227,17 @@ pub struct Verdict {
 
 impl Verdict {
     fn new(cause: Cause) -> Self {
-        Self { cause, detail: None }
+        Self {
+            cause,
+            detail: None,
+        }
     }
 
     fn with(cause: Cause, detail: &'static str) -> Self {
-        Self { cause, detail: Some(detail) }
+        Self {
+            cause,
+            detail: Some(detail),
+        }
     }
 
     pub fn class(&self) -> Class {
@@ -284,7 +290,9 @@ impl Resets {
 
 /// Decides how the connection in `history` ended.
 pub fn classify(history: &History) -> Outcome {
-    let Some(close) = &history.close else { return Outcome::Open };
+    let Some(close) = &history.close else {
+        return Outcome::Open;
+    };
     if close.previous == TcpState::Listen {
         return Outcome::Listener;
     }
@@ -304,7 +312,11 @@ pub fn classify(history: &History) -> Outcome {
 /// Step 1: the kernel's own reason for an RST it sent (Linux 6.10+).
 fn by_reset_reason(history: &History, close: &Close, resets: &Resets) -> Option<Verdict> {
     let s = &close.snapshot;
-    for reset in history.resets.iter().filter(|r| r.direction == ResetDirection::Sent) {
+    for reset in history
+        .resets
+        .iter()
+        .filter(|r| r.direction == ResetDirection::Sent)
+    {
         let Some(reason) = reset.reason else { continue };
         let verdict = match (reason, reset.after_close) {
             (ResetReason::TcpKeepaliveTimeout, _) => Verdict::new(Cause::Keepalive),
@@ -363,7 +375,10 @@ fn by_error(close: &Close, resets: &Resets) -> Verdict {
         errno::ECONNRESET | errno::EPIPE if resets.reply_after => {
             Verdict::new(Cause::DataAfterClose)
         }
-        err => Verdict::with(Cause::Unknown, errno::name(err).unwrap_or("unexpected_sk_err")),
+        err => Verdict::with(
+            Cause::Unknown,
+            errno::name(err).unwrap_or("unexpected_sk_err"),
+        ),
     }
 }
 
@@ -430,7 +445,11 @@ fn fin_wait2_orphan(history: &History, close: &Close, resets: &Resets) -> Verdic
         return after_close_reply(close, resets);
     }
     if resets.active_after {
-        return Verdict::new(if s.linger2 < 0 { Cause::Linger2 } else { Cause::Memory });
+        return Verdict::new(if s.linger2 < 0 {
+            Cause::Linger2
+        } else {
+            Cause::Memory
+        });
     }
     if resets.active_before {
         return Verdict::new(Cause::FinWait2);
@@ -452,7 +471,10 @@ fn fin_wait2_orphan(history: &History, close: &Close, resets: &Resets) -> Verdic
                 && t.new == TcpState::FinWait2
                 && close.timestamp_ns.saturating_sub(t.timestamp_ns) < 1_000_000
         });
-    Verdict::with(Cause::Active, if three_way { "three_way" } else { "time_wait" })
+    Verdict::with(
+        Cause::Active,
+        if three_way { "three_way" } else { "time_wait" },
+    )
 }
 
 /// We answered a packet with an RST after F.
@@ -506,27 +528,44 @@ mod tests {
     }
 
     fn client() -> Build {
-        Build::new(Role::Client).to(Close, SynSent).to(SynSent, Established)
+        Build::new(Role::Client)
+            .to(Close, SynSent)
+            .to(SynSent, Established)
     }
 
     fn server() -> Build {
-        Build::new(Role::Server).to(Listen, SynRecv).to(SynRecv, Established)
+        Build::new(Role::Server)
+            .to(Listen, SynRecv)
+            .to(SynRecv, Established)
     }
 
     fn sock(edit: impl FnOnce(&mut Snapshot)) -> Snapshot {
-        let mut s = Snapshot { has_socket: true, ..Snapshot::default() };
+        let mut s = Snapshot {
+            has_socket: true,
+            ..Snapshot::default()
+        };
         edit(&mut s);
         s
     }
 
     impl Build {
         fn new(role: Role) -> Self {
-            Self { history: History { role: Some(role), ..History::default() }, now: 0 }
+            Self {
+                history: History {
+                    role: Some(role),
+                    ..History::default()
+                },
+                now: 0,
+            }
         }
 
         fn to(mut self, old: TcpState, new: TcpState) -> Self {
             self.now += 10 * MS;
-            self.history.transitions.push(Transition { old, new, timestamp_ns: self.now });
+            self.history.transitions.push(Transition {
+                old,
+                new,
+                timestamp_ns: self.now,
+            });
             self
         }
 
@@ -536,7 +575,12 @@ mod tests {
             self
         }
 
-        fn reset(mut self, direction: ResetDirection, reason: Option<ResetReason>, reply: bool) -> Self {
+        fn reset(
+            mut self,
+            direction: ResetDirection,
+            reason: Option<ResetReason>,
+            reply: bool,
+        ) -> Self {
             let after_close = self.history.close.is_some();
             self.history.resets.push(ResetSeen {
                 direction,
@@ -561,7 +605,11 @@ mod tests {
 
         fn close(mut self, previous: TcpState, snapshot: Snapshot) -> Self {
             self = self.to(previous, Close);
-            self.history.close = Some(super::Close { previous, timestamp_ns: self.now, snapshot });
+            self.history.close = Some(super::Close {
+                previous,
+                timestamp_ns: self.now,
+                snapshot,
+            });
             self
         }
 
@@ -592,7 +640,10 @@ mod tests {
             .to(FinWait1, FinWait2)
             .at_once()
             .close(FinWait2, orphan(|_| {}));
-        assert_eq!(active.verdict(), (Class::Fin, Cause::Active, Some("fin_wait2")));
+        assert_eq!(
+            active.verdict(),
+            (Class::Fin, Cause::Active, Some("fin_wait2"))
+        );
 
         // The peer's FIN came with the ACK of ours.
         let three_way = client()
@@ -600,14 +651,20 @@ mod tests {
             .to(FinWait1, FinWait2)
             .at_once()
             .close(FinWait2, orphan(|s| s.flags.done = true));
-        assert_eq!(three_way.verdict(), (Class::Fin, Cause::Active, Some("three_way")));
+        assert_eq!(
+            three_way.verdict(),
+            (Class::Fin, Cause::Active, Some("three_way"))
+        );
 
         // The peer's FIN came later (FIN_WAIT2 kept by a long linger2).
         let later = client()
             .to(Established, FinWait1)
             .to(FinWait1, FinWait2)
             .close(FinWait2, orphan(|s| s.flags.done = true));
-        assert_eq!(later.verdict(), (Class::Fin, Cause::Active, Some("time_wait")));
+        assert_eq!(
+            later.verdict(),
+            (Class::Fin, Cause::Active, Some("time_wait"))
+        );
 
         let passive = server()
             .to(Established, CloseWait)
@@ -619,29 +676,42 @@ mod tests {
             .to(Established, FinWait1)
             .to(FinWait1, Closing)
             .close(Closing, orphan(|s| s.flags.done = true));
-        assert_eq!(simultaneous.verdict(), (Class::Fin, Cause::Simultaneous, None));
+        assert_eq!(
+            simultaneous.verdict(),
+            (Class::Fin, Cause::Simultaneous, None)
+        );
 
         // shutdown(SHUT_WR), then the peer's response and FIN; fd still open.
         let half_close = client()
             .to(Established, FinWait1)
             .to(FinWait1, FinWait2)
-            .close(FinWait2, sock(|s| {
-                s.shutdown = SHUTDOWN_MASK;
-                s.flags.done = true;
-            }));
-        assert_eq!(half_close.verdict(), (Class::Fin, Cause::Active, Some("time_wait")));
+            .close(
+                FinWait2,
+                sock(|s| {
+                    s.shutdown = SHUTDOWN_MASK;
+                    s.flags.done = true;
+                }),
+            );
+        assert_eq!(
+            half_close.verdict(),
+            (Class::Fin, Cause::Active, Some("time_wait"))
+        );
     }
 
     #[test]
     fn listeners_and_open_sockets_are_not_counted() {
-        let listener = Build::new(Role::Unknown).to(Close, Listen).close(Listen, sock(|_| {}));
+        let listener = Build::new(Role::Unknown)
+            .to(Close, Listen)
+            .close(Listen, sock(|_| {}));
         assert_eq!(classify(&listener.history), Outcome::Listener);
         assert_eq!(classify(&client().history), Outcome::Open);
     }
 
     #[test]
     fn resets_received() {
-        let reset = client().rst_in().close(Established, sock(|s| s.sk_err = errno::ECONNRESET));
+        let reset = client()
+            .rst_in()
+            .close(Established, sock(|s| s.sk_err = errno::ECONNRESET));
         assert_eq!(reset.verdict(), (Class::Rst, Cause::Received, None));
 
         // Writing to a peer that already closed: its timewait socket answers RST.
@@ -662,34 +732,51 @@ mod tests {
     fn close_time_aborts_with_and_without_reasons() {
         for reason in [None, Some(ResetReason::TcpAbortOnClose)] {
             let unread = server()
-                .close(Established, sock(|s| {
-                    s.shutdown = SHUTDOWN_MASK;
-                    s.unread_bytes = 100;
-                    // Unread data wins over SO_LINGER {1, 0}.
-                    s.flags.linger = true;
-                }))
+                .close(
+                    Established,
+                    sock(|s| {
+                        s.shutdown = SHUTDOWN_MASK;
+                        s.unread_bytes = 100;
+                        // Unread data wins over SO_LINGER {1, 0}.
+                        s.flags.linger = true;
+                    }),
+                )
                 .rst_out(reason);
-            assert_eq!(unread.verdict(), (Class::Rst, Cause::UnreadData, None), "{reason:?}");
+            assert_eq!(
+                unread.verdict(),
+                (Class::Rst, Cause::UnreadData, None),
+                "{reason:?}"
+            );
         }
         for reason in [None, Some(ResetReason::TcpState)] {
             let linger = client()
-                .close(Established, sock(|s| {
-                    s.shutdown = SHUTDOWN_MASK;
-                    s.flags.linger = true;
-                    s.unread_bytes = 1; // the peer's FIN, unread: not data
-                    s.flags.done = true;
-                }))
+                .close(
+                    Established,
+                    sock(|s| {
+                        s.shutdown = SHUTDOWN_MASK;
+                        s.flags.linger = true;
+                        s.unread_bytes = 1; // the peer's FIN, unread: not data
+                        s.flags.done = true;
+                    }),
+                )
                 .rst_out(reason);
-            assert_eq!(linger.verdict(), (Class::Rst, Cause::LingerZero, None), "{reason:?}");
+            assert_eq!(
+                linger.verdict(),
+                (Class::Rst, Cause::LingerZero, None),
+                "{reason:?}"
+            );
 
             let disconnect = client().close(Established, sock(|_| {})).rst_out(reason);
             assert_eq!(disconnect.verdict(), (Class::Rst, Cause::Disconnect, None));
 
             let child = server()
-                .close(Established, sock(|s| {
-                    s.has_socket = false;
-                    s.unread_bytes = 10;
-                }))
+                .close(
+                    Established,
+                    sock(|s| {
+                        s.has_socket = false;
+                        s.unread_bytes = 10;
+                    }),
+                )
                 .rst_out(reason);
             assert_eq!(child.verdict(), (Class::Rst, Cause::ListenerClosed, None));
         }
@@ -701,7 +788,11 @@ mod tests {
                 .to(FinWait2, FinWait2)
                 .close(FinWait2, orphan(|s| s.linger2 = -1))
                 .rst_out(reason);
-            assert_eq!(linger2.verdict(), (Class::Rst, Cause::Linger2, None), "{reason:?}");
+            assert_eq!(
+                linger2.verdict(),
+                (Class::Rst, Cause::Linger2, None),
+                "{reason:?}"
+            );
         }
     }
 
@@ -714,7 +805,11 @@ mod tests {
                 .rst_in()
                 .close(FinWait1, orphan(|s| s.sk_err = errno::ECONNRESET))
                 .rst_reply(reason);
-            assert_eq!(data.verdict(), (Class::Rst, Cause::DataAfterClose, None), "{reason:?}");
+            assert_eq!(
+                data.verdict(),
+                (Class::Rst, Cause::DataAfterClose, None),
+                "{reason:?}"
+            );
 
             // Orphan in FIN_WAIT1 gets its ACK with linger2 < 0: no fake RST_RX.
             let fin_wait1 = client()
@@ -723,76 +818,122 @@ mod tests {
                 .at_once()
                 .close(FinWait2, orphan(|s| s.linger2 = -1))
                 .rst_reply(reason);
-            assert_eq!(fin_wait1.verdict(), (Class::Rst, Cause::Linger2, Some("fin_wait1")));
+            assert_eq!(
+                fin_wait1.verdict(),
+                (Class::Rst, Cause::Linger2, Some("fin_wait1"))
+            );
         }
     }
 
     #[test]
     fn timeouts() {
-        let retransmit = client().close(Established, sock(|s| {
-            s.sk_err = TIMEOUT;
-            s.retransmits = 5;
-            s.send_window = 64000;
-        }));
-        assert_eq!(retransmit.verdict(), (Class::Timeout, Cause::Retransmit, None));
+        let retransmit = client().close(
+            Established,
+            sock(|s| {
+                s.sk_err = TIMEOUT;
+                s.retransmits = 5;
+                s.send_window = 64000;
+            }),
+        );
+        assert_eq!(
+            retransmit.verdict(),
+            (Class::Timeout, Cause::Retransmit, None)
+        );
 
         // The soft error (ICMP host unreachable) replaces ETIMEDOUT.
-        let soft = client().close(Established, sock(|s| {
-            s.sk_err = errno::EHOSTUNREACH;
-            s.sk_err_soft = errno::EHOSTUNREACH;
-            s.retransmits = 3;
-            s.send_window = 1;
-        }));
-        assert_eq!(soft.verdict(), (Class::Timeout, Cause::Retransmit, Some("EHOSTUNREACH")));
+        let soft = client().close(
+            Established,
+            sock(|s| {
+                s.sk_err = errno::EHOSTUNREACH;
+                s.sk_err_soft = errno::EHOSTUNREACH;
+                s.retransmits = 3;
+                s.send_window = 1;
+            }),
+        );
+        assert_eq!(
+            soft.verdict(),
+            (Class::Timeout, Cause::Retransmit, Some("EHOSTUNREACH"))
+        );
 
-        let user_timeout = client().close(Established, sock(|s| {
-            s.sk_err = TIMEOUT;
-            s.retransmits = 2;
-            s.send_window = 1;
-            s.user_timeout_ms = 1500;
-        }));
-        assert_eq!(user_timeout.verdict(), (Class::Timeout, Cause::Retransmit, Some("user_timeout")));
+        let user_timeout = client().close(
+            Established,
+            sock(|s| {
+                s.sk_err = TIMEOUT;
+                s.retransmits = 2;
+                s.send_window = 1;
+                s.user_timeout_ms = 1500;
+            }),
+        );
+        assert_eq!(
+            user_timeout.verdict(),
+            (Class::Timeout, Cause::Retransmit, Some("user_timeout"))
+        );
 
-        let orphan_retries = client()
-            .to(Established, FinWait1)
-            .close(FinWait1, orphan(|s| {
+        let orphan_retries = client().to(Established, FinWait1).close(
+            FinWait1,
+            orphan(|s| {
                 s.sk_err = TIMEOUT;
                 s.retransmits = 3;
                 s.send_window = 1;
-            }));
-        assert_eq!(orphan_retries.verdict(), (Class::Timeout, Cause::Retransmit, Some("orphan")));
+            }),
+        );
+        assert_eq!(
+            orphan_retries.verdict(),
+            (Class::Timeout, Cause::Retransmit, Some("orphan"))
+        );
 
         for reason in [None, Some(ResetReason::TcpKeepaliveTimeout)] {
-            let keepalive = client().rst_out(reason).close(Established, sock(|s| {
-                s.sk_err = TIMEOUT;
-                s.flags.keepalive = true;
-                s.probes_out = 2;
-                s.send_window = 1;
-            }));
-            assert_eq!(keepalive.verdict(), (Class::Timeout, Cause::Keepalive, None));
+            let keepalive = client().rst_out(reason).close(
+                Established,
+                sock(|s| {
+                    s.sk_err = TIMEOUT;
+                    s.flags.keepalive = true;
+                    s.probes_out = 2;
+                    s.send_window = 1;
+                }),
+            );
+            assert_eq!(
+                keepalive.verdict(),
+                (Class::Timeout, Cause::Keepalive, None)
+            );
         }
 
-        let syn = Build::new(Role::Client).to(Close, SynSent).close(SynSent, sock(|s| {
-            s.sk_err = TIMEOUT;
-            s.retransmits = 2;
-        }));
+        let syn = Build::new(Role::Client).to(Close, SynSent).close(
+            SynSent,
+            sock(|s| {
+                s.sk_err = TIMEOUT;
+                s.retransmits = 2;
+            }),
+        );
         assert_eq!(syn.verdict(), (Class::Timeout, Cause::Syn, None));
 
-        let zero_window = client().close(Established, sock(|s| {
-            s.sk_err = TIMEOUT;
-            s.probes_out = 4;
-            s.send_window = 0;
-        }));
-        assert_eq!(zero_window.verdict(), (Class::Timeout, Cause::ZeroWindow, None));
+        let zero_window = client().close(
+            Established,
+            sock(|s| {
+                s.sk_err = TIMEOUT;
+                s.probes_out = 4;
+                s.send_window = 0;
+            }),
+        );
+        assert_eq!(
+            zero_window.verdict(),
+            (Class::Timeout, Cause::ZeroWindow, None)
+        );
 
         // A keepalive socket that was busy retransmitting timed out on retransmissions.
-        let keepalive_on_but_rto = client().close(Established, sock(|s| {
-            s.sk_err = TIMEOUT;
-            s.flags.keepalive = true;
-            s.retransmits = 4;
-            s.send_window = 10;
-        }));
-        assert_eq!(keepalive_on_but_rto.verdict(), (Class::Timeout, Cause::Retransmit, None));
+        let keepalive_on_but_rto = client().close(
+            Established,
+            sock(|s| {
+                s.sk_err = TIMEOUT;
+                s.flags.keepalive = true;
+                s.retransmits = 4;
+                s.send_window = 10;
+            }),
+        );
+        assert_eq!(
+            keepalive_on_but_rto.verdict(),
+            (Class::Timeout, Cause::Retransmit, None)
+        );
 
         for reason in [None, Some(ResetReason::TcpState)] {
             let fin_wait2 = client()
@@ -815,24 +956,36 @@ mod tests {
         let killed_connecting = Build::new(Role::Client)
             .to(Close, SynSent)
             .close(SynSent, sock(|s| s.sk_err = errno::ECONNABORTED));
-        assert_eq!(killed_connecting.verdict(), (Class::Other, Cause::Killed, None));
+        assert_eq!(
+            killed_connecting.verdict(),
+            (Class::Other, Cause::Killed, None)
+        );
 
-        let cancelled = Build::new(Role::Client).to(Close, SynSent).close(SynSent, sock(|s| {
-            s.shutdown = SHUTDOWN_MASK;
-            s.retransmits = 1;
-            s.packets_out = 1;
-        }));
+        let cancelled = Build::new(Role::Client).to(Close, SynSent).close(
+            SynSent,
+            sock(|s| {
+                s.shutdown = SHUTDOWN_MASK;
+                s.retransmits = 1;
+                s.packets_out = 1;
+            }),
+        );
         assert_eq!(cancelled.verdict(), (Class::Other, Cause::Cancelled, None));
 
         let unreachable = Build::new(Role::Client)
             .to(Close, SynSent)
             .close(SynSent, sock(|s| s.sk_err = errno::EHOSTUNREACH));
-        assert_eq!(unreachable.verdict(), (Class::Other, Cause::Unreachable, Some("EHOSTUNREACH")));
+        assert_eq!(
+            unreachable.verdict(),
+            (Class::Other, Cause::Unreachable, Some("EHOSTUNREACH"))
+        );
 
         let port_unreachable = Build::new(Role::Client)
             .to(Close, SynSent)
             .close(SynSent, sock(|s| s.sk_err = errno::ECONNREFUSED));
-        assert_eq!(port_unreachable.verdict(), (Class::Other, Cause::Unreachable, Some("ECONNREFUSED")));
+        assert_eq!(
+            port_unreachable.verdict(),
+            (Class::Other, Cause::Unreachable, Some("ECONNREFUSED"))
+        );
 
         for reason in [None, Some(ResetReason::TcpAbortOnMemory)] {
             let memory = client()
@@ -842,10 +995,16 @@ mod tests {
             assert_eq!(memory.verdict(), (Class::Other, Cause::Memory, None));
         }
 
-        let teardown = client().to(Established, FinWait1).close(FinWait1, orphan(|_| {}));
+        let teardown = client()
+            .to(Established, FinWait1)
+            .close(FinWait1, orphan(|_| {}));
         assert_eq!(
             teardown.verdict(),
-            (Class::Other, Cause::Unknown, Some("orphan_closed_without_reset"))
+            (
+                Class::Other,
+                Cause::Unknown,
+                Some("orphan_closed_without_reset")
+            )
         );
     }
 

@@ -30,7 +30,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DaemonArgs {
     /// Address on which to expose metrics, /connections and /healthz.
-    #[arg(long = "web.listen-address", value_name = "ADDRESS", default_value = "127.0.0.1:9977")]
+    #[arg(
+        long = "web.listen-address",
+        value_name = "ADDRESS",
+        default_value = "127.0.0.1:9977"
+    )]
     pub listen_address: SocketAddr,
 
     /// Path under which to expose metrics.
@@ -47,7 +51,11 @@ pub struct DaemonArgs {
     pub max_ports: usize,
 
     /// Closed connections kept for /connections (newest replace oldest).
-    #[arg(long = "connections.max-recent", value_name = "N", default_value_t = 1000)]
+    #[arg(
+        long = "connections.max-recent",
+        value_name = "N",
+        default_value_t = 1000
+    )]
     pub max_recent: usize,
 }
 
@@ -60,7 +68,12 @@ pub struct CommonArgs {
 
     /// Sockets followed at once; past this the least recently active is dropped
     /// (counted in observer_tracker_dropped_sockets_total).
-    #[arg(long = "tracker.max-sockets", value_name = "N", default_value = "262144", global = true)]
+    #[arg(
+        long = "tracker.max-sockets",
+        value_name = "N",
+        default_value = "262144",
+        global = true
+    )]
     pub max_sockets: NonZeroUsize,
 
     /// Size of the kernel-to-daemon ring buffer in bytes (rounded up to a power of two
@@ -156,8 +169,11 @@ mod tests {
         assert!(Cli::try_parse_from(["observer", "--tracker.max-sockets", "0"]).is_err());
         assert!(Cli::try_parse_from(["observer", "--log.level", "loud"]).is_err());
         assert!(Cli::try_parse_from(["observer", "watch", "--json", "--events"]).is_err());
-        let watch = Cli::try_parse_from(["observer", "watch", "--port", "80", "--port", "443"]).unwrap();
-        let Some(Command::Watch(args)) = watch.command else { panic!("not watch") };
+        let watch =
+            Cli::try_parse_from(["observer", "watch", "--port", "80", "--port", "443"]).unwrap();
+        let Some(Command::Watch(args)) = watch.command else {
+            panic!("not watch")
+        };
         assert_eq!(args.ports, vec![80, 443]);
     }
 }

@@ -61,7 +61,10 @@ fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error
     loader::check_privileges()?;
     let layout = KernelLayout::from_running_kernel()?;
     if !layout.missing.is_empty() {
-        log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
+        log::warn!(
+            "this kernel lacks {}; those fields read as 0",
+            layout.missing.join(", ")
+        );
     }
     let attached = loader::load(&layout, common.ring_buffer_bytes)?;
     Ok((layout, attached))
@@ -98,7 +101,10 @@ pub async fn run_daemon(
     let (layout, attached) = attach(&common)?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
-        .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+        .map_err(|source| Error::Listen {
+            address: args.listen_address,
+            source,
+        })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
 
     let metrics = Arc::new(Metrics::new(args.max_ports));
@@ -118,8 +124,17 @@ pub async fn run_daemon(
     });
     log::info!("listening on http://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink { recent, clock: Clock::now() };
-    let pipeline = Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink);
+    let sink = DaemonSink {
+        recent,
+        clock: Clock::now(),
+    };
+    let pipeline = Pipeline::new(
+        attached,
+        Decoder::new(&layout),
+        common.max_sockets,
+        metrics,
+        sink,
+    );
     let result = pipeline.run(shutdown.clone()).await;
     healthy.store(false, Ordering::Relaxed);
     shutdown.cancel();
@@ -141,7 +156,10 @@ struct WatchSink {
 impl WatchSink {
     fn print(&self, line: &str) {
         let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             // stdout closed (e.g. piped into `head`): stop quietly.
             self.stop.cancel();
         }
@@ -179,11 +197,22 @@ pub async fn run_watch(
 ) -> Result<(), Error> {
     let (layout, attached) = attach(&common)?;
     let metrics = Arc::new(Metrics::new(0));
-    let sink = WatchSink { args: args.clone(), clock: Clock::now(), stop: shutdown.clone() };
+    let sink = WatchSink {
+        args: args.clone(),
+        clock: Clock::now(),
+        stop: shutdown.clone(),
+    };
+    log::info!("attached; printing connections as they close (Ctrl-C to stop)");
     if !args.json && !args.events {
         sink.print(&ConnectionReport::header());
     }
-    Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink)
-        .run(shutdown)
-        .await
+    Pipeline::new(
+        attached,
+        Decoder::new(&layout),
+        common.max_sockets,
+        metrics,
+        sink,
+    )
+    .run(shutdown)
+    .await
 }

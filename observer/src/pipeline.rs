@@ -64,9 +64,24 @@ impl<S: Sink> Pipeline<S> {
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
+        let Self {
+            attached,
+            decoder,
+            tracker,
+            metrics,
+            sink,
+            decided,
+            lost_read_at,
+        } = self;
         let Attached { events, lost } = attached;
-        let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
+        let mut state = Running {
+            decoder,
+            tracker,
+            metrics,
+            sink,
+            decided,
+            lost_read_at,
+        };
         // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
         // descriptor stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }

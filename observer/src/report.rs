@@ -60,8 +60,13 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-        Self { offset_ns: wall as i128 - i128::from(monotonic_ns()) }
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Self {
+            offset_ns: wall as i128 - i128::from(monotonic_ns()),
+        }
     }
 
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
@@ -72,7 +77,10 @@ impl Clock {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
@@ -82,10 +90,15 @@ impl ConnectionReport {
     pub fn new(closed: &ClosedConnection, clock: &Clock) -> Self {
         Self {
             seq: 0,
-            closed_at: humantime::format_rfc3339_millis(clock.wall(closed.closed_at_ns)).to_string(),
+            closed_at: humantime::format_rfc3339_millis(clock.wall(closed.closed_at_ns))
+                .to_string(),
             netns: closed.netns,
             cookie: closed.cookie,
-            family: if closed.local.is_ipv6() { "ipv6" } else { "ipv4" },
+            family: if closed.local.is_ipv6() {
+                "ipv6"
+            } else {
+                "ipv4"
+            },
             local: closed.local,
             remote: closed.remote,
             role: closed.role,
@@ -109,7 +122,16 @@ impl ConnectionReport {
     pub fn header() -> String {
         format!(
             "{:<12} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
-            "TIME", "ROLE", "LOCAL", "REMOTE", "CLASS", "CAUSE", "MS", "TX_BYTES", "RX_BYTES", "RETRANS"
+            "TIME",
+            "ROLE",
+            "LOCAL",
+            "REMOTE",
+            "CLASS",
+            "CAUSE",
+            "MS",
+            "TX_BYTES",
+            "RX_BYTES",
+            "RETRANS"
         )
     }
 

@@ -154,7 +154,14 @@ pub mod errno {
     pub fn is_icmp_error(value: i32) -> bool {
         matches!(
             value,
-            ENETUNREACH | EHOSTUNREACH | EHOSTDOWN | ENONET | EPROTO | ENOPROTOOPT | EMSGSIZE | EACCES
+            ENETUNREACH
+                | EHOSTUNREACH
+                | EHOSTDOWN
+                | ENONET
+                | EPROTO
+                | ENOPROTOOPT
+                | EMSGSIZE
+                | EACCES
         )
     }
 }

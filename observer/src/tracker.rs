@@ -84,7 +84,10 @@ struct Tracked {
 impl Tracked {
     fn new(role: Option<Role>, opened_ns: Option<u64>, change: &StateChange) -> Self {
         Self {
-            history: History { role, ..History::default() },
+            history: History {
+                role,
+                ..History::default()
+            },
             state: change.old,
             opened_ns,
             netns: change.netns,
@@ -137,7 +140,10 @@ pub struct Tracker {
 }
 
 fn state_index(state: TcpState) -> usize {
-    TcpState::ALL.iter().position(|s| *s == state).unwrap_or(TcpState::ALL.len() - 1)
+    TcpState::ALL
+        .iter()
+        .position(|s| *s == state)
+        .unwrap_or(TcpState::ALL.len() - 1)
 }
 
 impl Tracker {
@@ -165,7 +171,10 @@ impl Tracker {
 
     /// Live tracked sockets in each state.
     pub fn sockets_by_state(&self) -> impl Iterator<Item = (TcpState, i64)> + '_ {
-        TcpState::ALL.iter().copied().zip(self.by_state.iter().copied())
+        TcpState::ALL
+            .iter()
+            .copied()
+            .zip(self.by_state.iter().copied())
     }
 
     /// When the oldest closed socket's evidence window ends.
@@ -208,7 +217,11 @@ impl Tracker {
         self.expire(u64::MAX, decided);
     }
 
-    fn state_change(&mut self, change: &StateChange, decided: &mut Vec<ClosedConnection>) -> Effect {
+    fn state_change(
+        &mut self,
+        change: &StateChange,
+        decided: &mut Vec<ClosedConnection>,
+    ) -> Effect {
         let birth = match (change.old, change.new) {
             (TcpState::Close, TcpState::SynSent) => Some(Role::Client),
             (TcpState::Listen, TcpState::SynRecv) => Some(Role::Server),
@@ -221,7 +234,11 @@ impl Tracker {
             let mut tracked = Tracked::new(role, Some(change.timestamp_ns), change);
             tracked.state = change.old;
             self.insert(change.socket, tracked, decided);
-        } else if self.sockets.peek(&change.socket).is_none_or(|t| t.is_closed()) {
+        } else if self
+            .sockets
+            .peek(&change.socket)
+            .is_none_or(|t| t.is_closed())
+        {
             if change.old == change.new || change.old == TcpState::Close {
                 // CLOSE -> CLOSE after a listener abort, or a repeat of a settled socket.
                 return Effect::None;
@@ -231,7 +248,9 @@ impl Tracker {
             self.insert(change.socket, Tracked::new(None, None, change), decided);
         }
 
-        let Some(tracked) = self.sockets.get_mut(&change.socket) else { return Effect::None };
+        let Some(tracked) = self.sockets.get_mut(&change.socket) else {
+            return Effect::None;
+        };
         if tracked.history.transitions.len() < MAX_TRANSITIONS || change.new == TcpState::Close {
             tracked.history.transitions.push(Transition {
                 old: change.old,
@@ -252,11 +271,15 @@ impl Tracker {
                 timestamp_ns: change.timestamp_ns,
                 snapshot: change.snapshot,
             });
-            self.closing.push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
+            self.closing
+                .push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
         } else {
             self.by_state[state_index(change.new)] += 1;
         }
-        Effect::Transition { from: change.old, to: change.new }
+        Effect::Transition {
+            from: change.old,
+            to: change.new,
+        }
     }
 
     fn reset(&mut self, reset: &Reset, decided: &mut Vec<ClosedConnection>) {
@@ -366,7 +389,9 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
         verdict,
         port,
         states,
-        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
+        duration_ns: tracked
+            .opened_ns
+            .map(|opened| close.timestamp_ns.saturating_sub(opened)),
         previous_state: close.previous,
         snapshot: close.snapshot,
         resets: tracked.history.resets,
@@ -384,7 +409,13 @@ mod tests {
 
     const SOCK: SocketId = 0xffff_8880_0000_1000;
 
-    fn change(socket: SocketId, ts_ms: u64, old: TcpState, new: TcpState, s: Snapshot) -> SocketEvent {
+    fn change(
+        socket: SocketId,
+        ts_ms: u64,
+        old: TcpState,
+        new: TcpState,
+        s: Snapshot,
+    ) -> SocketEvent {
         SocketEvent::State(StateChange {
             timestamp_ns: ts_ms * 1_000_000,
             socket,
@@ -414,7 +445,10 @@ mod tests {
         Snapshot {
             has_socket: true,
             shutdown: 3,
-            flags: crate::tcp::SockFlags { linger: true, ..Default::default() },
+            flags: crate::tcp::SockFlags {
+                linger: true,
+                ..Default::default()
+            },
             ..Snapshot::default()
         }
     }
@@ -423,16 +457,33 @@ mod tests {
     fn waits_for_the_reset_that_follows_the_close() {
         use TcpState::*;
         let mut t = tracker(16);
-        let mut decided = feed(&mut t, &[
-            change(SOCK, 1, Close, SynSent, Snapshot::default()),
-            change(SOCK, 2, SynSent, Established, Snapshot::default()),
-            // Unread data at close: nothing in the snapshot says linger, the RST says why.
-            change(SOCK, 3, Established, Close, Snapshot { has_socket: true, shutdown: 3, unread_bytes: 5, ..Default::default() }),
-        ]);
+        let mut decided = feed(
+            &mut t,
+            &[
+                change(SOCK, 1, Close, SynSent, Snapshot::default()),
+                change(SOCK, 2, SynSent, Established, Snapshot::default()),
+                // Unread data at close: nothing in the snapshot says linger, the RST says why.
+                change(
+                    SOCK,
+                    3,
+                    Established,
+                    Close,
+                    Snapshot {
+                        has_socket: true,
+                        shutdown: 3,
+                        unread_bytes: 5,
+                        ..Default::default()
+                    },
+                ),
+            ],
+        );
         assert!(decided.is_empty());
         assert_eq!(t.next_deadline_ns(), Some(3_000_000 + EVIDENCE_WINDOW_NS));
         t.expire(3_000_000 + EVIDENCE_WINDOW_NS - 1, &mut decided);
-        assert!(decided.is_empty(), "decided before the evidence window ended");
+        assert!(
+            decided.is_empty(),
+            "decided before the evidence window ended"
+        );
         t.ingest(
             &SocketEvent::Reset(Reset {
                 timestamp_ns: 3_000_100,
@@ -461,12 +512,15 @@ mod tests {
     fn address_reuse_settles_the_previous_socket_at_once() {
         use TcpState::*;
         let mut t = tracker(16);
-        let decided = feed(&mut t, &[
-            change(SOCK, 1, Close, SynSent, Snapshot::default()),
-            change(SOCK, 2, SynSent, Established, Snapshot::default()),
-            change(SOCK, 3, Established, Close, linger_zero()),
-            change(SOCK, 4, Close, SynSent, Snapshot::default()),
-        ]);
+        let decided = feed(
+            &mut t,
+            &[
+                change(SOCK, 1, Close, SynSent, Snapshot::default()),
+                change(SOCK, 2, SynSent, Established, Snapshot::default()),
+                change(SOCK, 3, Established, Close, linger_zero()),
+                change(SOCK, 4, Close, SynSent, Snapshot::default()),
+            ],
+        );
         assert_eq!(decided.len(), 1);
         assert_eq!(decided[0].verdict.cause, Cause::LingerZero);
         assert_eq!(t.len(), 1);
@@ -483,7 +537,16 @@ mod tests {
         use TcpState::*;
         let mut t = tracker(4);
         for i in 0..100 {
-            feed(&mut t, &[change(SOCK + i * 4096, i, Close, SynSent, Snapshot::default())]);
+            feed(
+                &mut t,
+                &[change(
+                    SOCK + i * 4096,
+                    i,
+                    Close,
+                    SynSent,
+                    Snapshot::default(),
+                )],
+            );
         }
         assert_eq!(t.len(), 4);
         assert_eq!(t.stats().evicted, 96);
@@ -495,11 +558,23 @@ mod tests {
     fn listeners_are_tracked_but_not_reported() {
         use TcpState::*;
         let mut t = tracker(16);
-        let mut decided = feed(&mut t, &[
-            change(SOCK, 1, Close, Listen, Snapshot::default()),
-            change(SOCK, 5, Listen, Close, Snapshot::default()),
-            change(SOCK, 5, Close, Close, Snapshot { sk_err: 103, ..Default::default() }),
-        ]);
+        let mut decided = feed(
+            &mut t,
+            &[
+                change(SOCK, 1, Close, Listen, Snapshot::default()),
+                change(SOCK, 5, Listen, Close, Snapshot::default()),
+                change(
+                    SOCK,
+                    5,
+                    Close,
+                    Close,
+                    Snapshot {
+                        sk_err: 103,
+                        ..Default::default()
+                    },
+                ),
+            ],
+        );
         t.flush(&mut decided);
         assert!(decided.is_empty());
         assert!(t.is_empty());
@@ -509,17 +584,36 @@ mod tests {
     fn sockets_opened_before_start_have_unknown_role_and_lower_port() {
         use TcpState::*;
         let mut t = tracker(16);
-        let mut decided = feed(&mut t, &[
-            change(SOCK, 1, Established, FinWait1, Snapshot::default()),
-            change(SOCK, 2, FinWait1, FinWait2, Snapshot::default()),
-            change(SOCK, 2, FinWait2, Close, Snapshot { flags: crate::tcp::SockFlags { dead: true, ..Default::default() }, shutdown: 3, ..Default::default() }),
-        ]);
+        let mut decided = feed(
+            &mut t,
+            &[
+                change(SOCK, 1, Established, FinWait1, Snapshot::default()),
+                change(SOCK, 2, FinWait1, FinWait2, Snapshot::default()),
+                change(
+                    SOCK,
+                    2,
+                    FinWait2,
+                    Close,
+                    Snapshot {
+                        flags: crate::tcp::SockFlags {
+                            dead: true,
+                            ..Default::default()
+                        },
+                        shutdown: 3,
+                        ..Default::default()
+                    },
+                ),
+            ],
+        );
         t.flush(&mut decided);
         assert_eq!(decided.len(), 1);
         let closed = &decided[0];
         assert_eq!(closed.role, Role::Unknown);
         assert_eq!(closed.port, 80);
         assert_eq!(closed.duration_ns, None);
-        assert_eq!((closed.verdict.class(), closed.verdict.cause), (Class::Fin, Cause::Active));
+        assert_eq!(
+            (closed.verdict.class(), closed.verdict.cause),
+            (Class::Fin, Cause::Active)
+        );
     }
 }

@@ -27,13 +27,21 @@ pub fn binary() -> PathBuf {
     let path = std::env::var_os("OBSERVER_BIN")
         .map(PathBuf::from)
         .expect("OBSERVER_BIN is not set: run the integration tests with `cargo xtask test`");
-    assert!(path.exists(), "OBSERVER_BIN={} does not exist", path.display());
+    assert!(
+        path.exists(),
+        "OBSERVER_BIN={} does not exist",
+        path.display()
+    );
     path
 }
 
 /// A free TCP port on the host's loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Daemon {
@@ -77,18 +85,28 @@ fn start() -> Daemon {
                 Ok(())
             });
         }
-        let child: Child = command.spawn().expect("start observer");
+        let mut child: Child = command.spawn().expect("start observer");
         sender.send(child.id()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        // Blocks for the rest of the run; if the daemon dies early, say so.
+        let status = child.wait();
+        eprintln!("observer daemon exited: {status:?}");
     });
     let pid = receiver.recv().unwrap();
-    let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
+    let daemon = Daemon {
+        base_url: format!("http://127.0.0.1:{port}"),
+        log,
+        pid,
+    };
     let ready = wait_until(Duration::from_secs(30), || {
-        ureq::get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
+        ureq::get(&format!("{}/healthz", daemon.base_url))
+            .call()
+            .is_ok()
     });
-    assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
+    assert!(
+        ready,
+        "observer did not become healthy:\n{}",
+        daemon.log_tail()
+    );
     daemon
 }
 
@@ -174,7 +192,12 @@ impl Daemon {
         self.verdicts_within(namespace, count, VERDICT_TIMEOUT)
     }
 
-    pub fn verdicts_within(&self, namespace: &Namespace, count: usize, timeout: Duration) -> Vec<Connection> {
+    pub fn verdicts_within(
+        &self,
+        namespace: &Namespace,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Connection> {
         let mut seen = Vec::new();
         wait_until(timeout, || {
             seen = self.connections(namespace);
@@ -213,7 +236,9 @@ impl Daemon {
             .iter()
             .filter(|(key, _)| {
                 key.split('{').next() == Some(name)
-                    && labels.iter().all(|(label, value)| key.contains(&format!("{label}=\"{value}\"")))
+                    && labels
+                        .iter()
+                        .all(|(label, value)| key.contains(&format!("{label}=\"{value}\"")))
             })
             .map(|(_, value)| value)
             .sum()

@@ -64,7 +64,12 @@ impl Namespace {
         let first_seq = crate::daemon::daemon().last_seq();
         let created_at = std::time::SystemTime::now();
         let handle = File::open(format!("/run/netns/{name}")).expect("open the namespace");
-        let namespace = Self { name, handle, first_seq, created_at };
+        let namespace = Self {
+            name,
+            handle,
+            first_seq,
+            created_at,
+        };
         namespace.ip(&["link", "set", "lo", "up"]);
         namespace
     }
@@ -132,7 +137,9 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -142,7 +149,10 @@ pub struct Counters(HashMap<String, i64>);
 
 impl Counters {
     pub fn get(&self, name: &str) -> i64 {
-        *self.0.get(name).unwrap_or_else(|| panic!("nstat has no counter {name}"))
+        *self
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("nstat has no counter {name}"))
     }
 
     /// How much `name` grew from `self` to `later`.
@@ -163,12 +173,28 @@ pub struct Pair {
 
 impl Pair {
     pub fn new() -> Self {
-        let id = format!("obs{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "obs{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let client = Namespace::create(format!("{id}-c"));
         let server = Namespace::create(format!("{id}-s"));
         client.ip(&[
-            "link", "add", DEVICE, "address", CLIENT_MAC, "type", "veth", "peer", "name", DEVICE,
-            "address", SERVER_MAC, "netns", server.name(),
+            "link",
+            "add",
+            DEVICE,
+            "address",
+            CLIENT_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            DEVICE,
+            "address",
+            SERVER_MAC,
+            "netns",
+            server.name(),
         ]);
         let pair = Self { client, server };
         for (namespace, v4, v6) in [
@@ -191,7 +217,14 @@ impl Pair {
         ] {
             for peer in [IpAddr::V4(peer_v4), IpAddr::V6(peer_v6)] {
                 namespace.ip(&[
-                    "neigh", "replace", &peer.to_string(), "lladdr", mac, "dev", DEVICE, "nud",
+                    "neigh",
+                    "replace",
+                    &peer.to_string(),
+                    "lladdr",
+                    mac,
+                    "dev",
+                    DEVICE,
+                    "nud",
                     "permanent",
                 ]);
             }
@@ -207,7 +240,14 @@ impl Pair {
     /// Plugs the cable back in.
     pub fn mend_cable(&self) {
         self.server.ip(&["link", "set", DEVICE, "up"]);
-        self.server.ip(&["addr", "replace", &format!("{SERVER_V6}/64"), "dev", DEVICE, "nodad"]);
+        self.server.ip(&[
+            "addr",
+            "replace",
+            &format!("{SERVER_V6}/64"),
+            "dev",
+            DEVICE,
+            "nodad",
+        ]);
         self.point_neighbours(CLIENT_MAC, SERVER_MAC);
     }
 
@@ -222,13 +262,18 @@ impl Pair {
     }
 
     pub fn listen(&self, port: u16) -> TcpListener {
-        self.server.enter(|| TcpListener::bind((SERVER_V4, port))).expect("listen")
+        self.server
+            .enter(|| TcpListener::bind((SERVER_V4, port)))
+            .expect("listen")
     }
 
     /// An established IPv4 connection: (client's stream, server's accepted stream).
     pub fn connect(&self, port: u16) -> (TcpStream, TcpStream) {
         let listener = self.listen(port);
-        let client = self.client.enter(|| TcpStream::connect((SERVER_V4, port))).expect("connect");
+        let client = self
+            .client
+            .enter(|| TcpStream::connect((SERVER_V4, port)))
+            .expect("connect");
         let (server, _) = listener.accept().expect("accept");
         (client, server)
     }

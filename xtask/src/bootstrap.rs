@@ -33,7 +33,9 @@ impl Apt {
         }
         let list = packages.join(" ");
         if !is_root() {
-            bail!("{why} needs the Debian packages {list}; install them (apt-get install {list}) or run as root");
+            bail!(
+                "{why} needs the Debian packages {list}; install them (apt-get install {list}) or run as root"
+            );
         }
         println!("xtask: installing {list} with apt-get ({why})");
         if !self.updated {
@@ -74,9 +76,13 @@ pub fn build_tools() -> anyhow::Result<BuildTools> {
 pub fn test_tools() -> anyhow::Result<()> {
     let mut apt = Apt::default();
     let mut missing = Vec::new();
-    for (program, package) in
-        [("ip", "iproute2"), ("ss", "iproute2"), ("nstat", "iproute2"), ("promtool", "prometheus"), ("prometheus", "prometheus")]
-    {
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("nstat", "iproute2"),
+        ("promtool", "prometheus"),
+        ("prometheus", "prometheus"),
+    ] {
         if !on_path(program) && !missing.contains(&package) {
             missing.push(package);
         }
@@ -86,7 +92,9 @@ pub fn test_tools() -> anyhow::Result<()> {
 
 fn llvm_major(toolchain: &str) -> Option<String> {
     let version = output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
-    let llvm = version.lines().find_map(|line| line.strip_prefix("LLVM version: "))?;
+    let llvm = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))?;
     llvm.split('.').next().map(str::to_string)
 }
 
@@ -124,7 +132,13 @@ fn nightly_with_rust_src() -> anyhow::Result<String> {
     .unwrap_or_default();
     if !components.lines().any(|line| line.starts_with("rust-src")) {
         println!("xtask: adding rust-src to {toolchain} (the eBPF build compiles core)");
-        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))?;
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            toolchain,
+        ]))?;
     }
     Ok(toolchain.to_string())
 }
@@ -134,7 +148,9 @@ fn bpf_linker() -> anyhow::Result<()> {
     if version.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") && bpf_linker_uses_llvm_22() {
         return Ok(());
     }
-    println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} for LLVM {LLVM_MAJOR} (takes a few minutes, once)");
+    println!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} for LLVM {LLVM_MAJOR} (takes a few minutes, once)"
+    );
     exec(
         Command::new("cargo")
             .args([

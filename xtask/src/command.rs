@@ -9,7 +9,9 @@ use anyhow::{Context as _, bail};
 
 /// Runs `command`, inheriting stdio; fails if it does not exit successfully.
 pub fn exec(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("failed to start {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");
     }
@@ -19,7 +21,10 @@ pub fn exec(command: &mut Command) -> anyhow::Result<()> {
 /// Runs `command` and returns its stdout if it succeeds, None if it fails or is missing.
 pub fn output(command: &mut Command) -> Option<String> {
     let output = command.stderr(Stdio::null()).output().ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -42,9 +47,8 @@ pub fn is_root() -> bool {
 
 /// Whether an executable is on PATH.
 pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// Cargo's target directory.

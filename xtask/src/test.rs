@@ -4,11 +4,13 @@
 //! real daemon and compare its verdicts with the kernel's own counters, so they need
 //! root. They find the daemon through `OBSERVER_BIN`.
 
+use std::process::Command;
+
 use anyhow::bail;
 
 use crate::{
     bootstrap,
-    command::{cargo, exec, is_root, target_dir},
+    command::{cargo, exec, is_root, target_dir, workspace_root},
 };
 
 #[derive(clap::Args)]
@@ -25,11 +27,17 @@ pub struct Options {
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
-    let Options { no_lint, unit_only, harness_args } = options;
+    let Options {
+        no_lint,
+        unit_only,
+        harness_args,
+    } = options;
     let tools = bootstrap::build_tools()?;
     if !unit_only {
         if !is_root() {
-            bail!("the integration tests need root (network namespaces, eBPF); rerun as root or with --unit-only");
+            bail!(
+                "the integration tests need root (network namespaces, eBPF); rerun as root or with --unit-only"
+            );
         }
         bootstrap::test_tools()?;
     }
@@ -55,11 +63,41 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ]);
         with_toolchain(&mut clippy);
         exec(&mut clippy)?;
+        println!("xtask: cargo clippy (eBPF programs, for bpfel-unknown-none)");
+        exec(
+            Command::new("rustup")
+                .args([
+                    "run",
+                    &tools.bpf_toolchain,
+                    "cargo",
+                    "clippy",
+                    "--quiet",
+                    "--release",
+                ])
+                .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .arg("--target-dir")
+                .arg(target_dir().join("ebpf-clippy"))
+                .args(["--", "-D", "warnings"])
+                .current_dir(workspace_root().join("observer-ebpf"))
+                .env(
+                    "CARGO_ENCODED_RUSTFLAGS",
+                    "--cfg=bpf_target_arch=\"x86_64\"",
+                )
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+        )?;
     }
 
     println!("xtask: unit tests");
     let mut unit = cargo();
-    unit.args(["test", "--workspace", "--exclude", "observer-ebpf", "--exclude", "observer-tests"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "observer-ebpf",
+        "--exclude",
+        "observer-tests",
+    ]);
     with_toolchain(&mut unit);
     exec(&mut unit)?;
     if unit_only {

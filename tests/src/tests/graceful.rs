@@ -17,7 +17,11 @@ fn active_close() {
     // The server holds its end until the client's close is final: no FIN crossing.
     let client_verdict = daemon().verdict(&pair.client);
     assert_verdict(&client_verdict, "client", "fin", "active");
-    assert_eq!(client_verdict.detail.as_deref(), Some("fin_wait2"), "peer FIN not yet seen");
+    assert_eq!(
+        client_verdict.detail.as_deref(),
+        Some("fin_wait2"),
+        "peer FIN not yet seen"
+    );
     drop(server);
     assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
     client_mib.assert_deltas(&NO_RESETS);
@@ -34,7 +38,10 @@ fn passive_close() {
     drop(client);
     let client_verdict = daemon().verdict(&pair.client);
     assert_verdict(&client_verdict, "client", "fin", "passive");
-    assert_eq!(client_verdict.states, ["syn_sent", "established", "close_wait", "last_ack", "close"]);
+    assert_eq!(
+        client_verdict.states,
+        ["syn_sent", "established", "close_wait", "last_ack", "close"]
+    );
     assert_eq!(client_verdict.port, 7002);
     assert_eq!(server_verdict.port, 7002);
 }
@@ -69,7 +76,10 @@ fn simultaneous_close() {
     for (namespace, role) in [(&pair.client, "client"), (&pair.server, "server")] {
         let verdict = daemon().verdict(namespace);
         assert_verdict(&verdict, role, "fin", "simultaneous");
-        assert!(verdict.states.contains(&"closing".to_string()), "{verdict:#?}");
+        assert!(
+            verdict.states.contains(&"closing".to_string()),
+            "{verdict:#?}"
+        );
     }
 }
 
