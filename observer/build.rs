@@ -7,10 +7,8 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=OBSERVER_BPF_TOOLCHAIN");
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = metadata
         .packages
         .iter()

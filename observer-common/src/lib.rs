@@ -181,11 +181,7 @@ impl ProgramConfig {
         daddr_v6: ABSENT,
         net: ABSENT,
         net_ns_inum: ABSENT,
-        protocol: BitField {
-            offset: ABSENT,
-            shift: 0,
-            mask: 0,
-        },
+        protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
         state: ABSENT,
         send_reset_reason_arg: ABSENT,
         valid: 0,

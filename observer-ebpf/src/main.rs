@@ -124,13 +124,7 @@ fn record_reset(
     }
     let mut cookie = 0u64;
     // SAFETY: reads kernel memory through the fault-tolerant helper into a local.
-    unsafe {
-        read_word(
-            skaddr,
-            config.sock_fields[SockField::Cookie as usize],
-            &mut cookie,
-        )
-    };
+    unsafe { read_word(skaddr, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
     let event = ResetEvent {
         header: header(kind, skaddr, cookie),
         state: read_u8(skaddr, config.state),
@@ -156,11 +150,7 @@ fn arg_value(ctx: &BtfTracePointContext, n: usize) -> u64 {
         bpf_probe_read_kernel(
             (&mut value as *mut u64).cast(),
             8,
-            ctx.as_ptr()
-                .cast::<u64>()
-                .add(n)
-                .cast::<c_void>()
-                .cast_const(),
+            ctx.as_ptr().cast::<u64>().add(n).cast::<c_void>().cast_const(),
         )
     };
     value

@@ -227,17 +227,11 @@ pub struct Verdict {
 
 impl Verdict {
     fn new(cause: Cause) -> Self {
-        Self {
-            cause,
-            detail: None,
-        }
+        Self { cause, detail: None }
     }
 
     fn with(cause: Cause, detail: &'static str) -> Self {
-        Self {
-            cause,
-            detail: Some(detail),
-        }
+        Self { cause, detail: Some(detail) }
     }
 
     pub fn class(&self) -> Class {
@@ -312,11 +306,7 @@ pub fn classify(history: &History) -> Outcome {
 /// Step 1: the kernel's own reason for an RST it sent (Linux 6.10+).
 fn by_reset_reason(history: &History, close: &Close, resets: &Resets) -> Option<Verdict> {
     let s = &close.snapshot;
-    for reset in history
-        .resets
-        .iter()
-        .filter(|r| r.direction == ResetDirection::Sent)
-    {
+    for reset in history.resets.iter().filter(|r| r.direction == ResetDirection::Sent) {
         let Some(reason) = reset.reason else { continue };
         let verdict = match (reason, reset.after_close) {
             (ResetReason::TcpKeepaliveTimeout, _) => Verdict::new(Cause::Keepalive),
@@ -375,10 +365,7 @@ fn by_error(close: &Close, resets: &Resets) -> Verdict {
         errno::ECONNRESET | errno::EPIPE if resets.reply_after => {
             Verdict::new(Cause::DataAfterClose)
         }
-        err => Verdict::with(
-            Cause::Unknown,
-            errno::name(err).unwrap_or("unexpected_sk_err"),
-        ),
+        err => Verdict::with(Cause::Unknown, errno::name(err).unwrap_or("unexpected_sk_err")),
     }
 }
 
@@ -445,11 +432,7 @@ fn fin_wait2_orphan(history: &History, close: &Close, resets: &Resets) -> Verdic
         return after_close_reply(close, resets);
     }
     if resets.active_after {
-        return Verdict::new(if s.linger2 < 0 {
-            Cause::Linger2
-        } else {
-            Cause::Memory
-        });
+        return Verdict::new(if s.linger2 < 0 { Cause::Linger2 } else { Cause::Memory });
     }
     if resets.active_before {
         return Verdict::new(Cause::FinWait2);
@@ -471,10 +454,7 @@ fn fin_wait2_orphan(history: &History, close: &Close, resets: &Resets) -> Verdic
                 && t.new == TcpState::FinWait2
                 && close.timestamp_ns.saturating_sub(t.timestamp_ns) < 1_000_000
         });
-    Verdict::with(
-        Cause::Active,
-        if three_way { "three_way" } else { "time_wait" },
-    )
+    Verdict::with(Cause::Active, if three_way { "three_way" } else { "time_wait" })
 }
 
 /// We answered a packet with an RST after F.
@@ -528,44 +508,27 @@ mod tests {
     }
 
     fn client() -> Build {
-        Build::new(Role::Client)
-            .to(Close, SynSent)
-            .to(SynSent, Established)
+        Build::new(Role::Client).to(Close, SynSent).to(SynSent, Established)
     }
 
     fn server() -> Build {
-        Build::new(Role::Server)
-            .to(Listen, SynRecv)
-            .to(SynRecv, Established)
+        Build::new(Role::Server).to(Listen, SynRecv).to(SynRecv, Established)
     }
 
     fn sock(edit: impl FnOnce(&mut Snapshot)) -> Snapshot {
-        let mut s = Snapshot {
-            has_socket: true,
-            ..Snapshot::default()
-        };
+        let mut s = Snapshot { has_socket: true, ..Snapshot::default() };
         edit(&mut s);
         s
     }
 
     impl Build {
         fn new(role: Role) -> Self {
-            Self {
-                history: History {
-                    role: Some(role),
-                    ..History::default()
-                },
-                now: 0,
-            }
+            Self { history: History { role: Some(role), ..History::default() }, now: 0 }
         }
 
         fn to(mut self, old: TcpState, new: TcpState) -> Self {
             self.now += 10 * MS;
-            self.history.transitions.push(Transition {
-                old,
-                new,
-                timestamp_ns: self.now,
-            });
+            self.history.transitions.push(Transition { old, new, timestamp_ns: self.now });
             self
         }
 
@@ -605,11 +568,7 @@ mod tests {
 
         fn close(mut self, previous: TcpState, snapshot: Snapshot) -> Self {
             self = self.to(previous, Close);
-            self.history.close = Some(super::Close {
-                previous,
-                timestamp_ns: self.now,
-                snapshot,
-            });
+            self.history.close = Some(super::Close { previous, timestamp_ns: self.now, snapshot });
             self
         }
 
@@ -640,10 +599,7 @@ mod tests {
             .to(FinWait1, FinWait2)
             .at_once()
             .close(FinWait2, orphan(|_| {}));
-        assert_eq!(
-            active.verdict(),
-            (Class::Fin, Cause::Active, Some("fin_wait2"))
-        );
+        assert_eq!(active.verdict(), (Class::Fin, Cause::Active, Some("fin_wait2")));
 
         // The peer's FIN came with the ACK of ours.
         let three_way = client()
@@ -651,20 +607,14 @@ mod tests {
             .to(FinWait1, FinWait2)
             .at_once()
             .close(FinWait2, orphan(|s| s.flags.done = true));
-        assert_eq!(
-            three_way.verdict(),
-            (Class::Fin, Cause::Active, Some("three_way"))
-        );
+        assert_eq!(three_way.verdict(), (Class::Fin, Cause::Active, Some("three_way")));
 
         // The peer's FIN came later (FIN_WAIT2 kept by a long linger2).
         let later = client()
             .to(Established, FinWait1)
             .to(FinWait1, FinWait2)
             .close(FinWait2, orphan(|s| s.flags.done = true));
-        assert_eq!(
-            later.verdict(),
-            (Class::Fin, Cause::Active, Some("time_wait"))
-        );
+        assert_eq!(later.verdict(), (Class::Fin, Cause::Active, Some("time_wait")));
 
         let passive = server()
             .to(Established, CloseWait)
@@ -676,42 +626,29 @@ mod tests {
             .to(Established, FinWait1)
             .to(FinWait1, Closing)
             .close(Closing, orphan(|s| s.flags.done = true));
-        assert_eq!(
-            simultaneous.verdict(),
-            (Class::Fin, Cause::Simultaneous, None)
-        );
+        assert_eq!(simultaneous.verdict(), (Class::Fin, Cause::Simultaneous, None));
 
         // shutdown(SHUT_WR), then the peer's response and FIN; fd still open.
-        let half_close = client()
-            .to(Established, FinWait1)
-            .to(FinWait1, FinWait2)
-            .close(
-                FinWait2,
-                sock(|s| {
-                    s.shutdown = SHUTDOWN_MASK;
-                    s.flags.done = true;
-                }),
-            );
-        assert_eq!(
-            half_close.verdict(),
-            (Class::Fin, Cause::Active, Some("time_wait"))
+        let half_close = client().to(Established, FinWait1).to(FinWait1, FinWait2).close(
+            FinWait2,
+            sock(|s| {
+                s.shutdown = SHUTDOWN_MASK;
+                s.flags.done = true;
+            }),
         );
+        assert_eq!(half_close.verdict(), (Class::Fin, Cause::Active, Some("time_wait")));
     }
 
     #[test]
     fn listeners_and_open_sockets_are_not_counted() {
-        let listener = Build::new(Role::Unknown)
-            .to(Close, Listen)
-            .close(Listen, sock(|_| {}));
+        let listener = Build::new(Role::Unknown).to(Close, Listen).close(Listen, sock(|_| {}));
         assert_eq!(classify(&listener.history), Outcome::Listener);
         assert_eq!(classify(&client().history), Outcome::Open);
     }
 
     #[test]
     fn resets_received() {
-        let reset = client()
-            .rst_in()
-            .close(Established, sock(|s| s.sk_err = errno::ECONNRESET));
+        let reset = client().rst_in().close(Established, sock(|s| s.sk_err = errno::ECONNRESET));
         assert_eq!(reset.verdict(), (Class::Rst, Cause::Received, None));
 
         // Writing to a peer that already closed: its timewait socket answers RST.
@@ -742,11 +679,7 @@ mod tests {
                     }),
                 )
                 .rst_out(reason);
-            assert_eq!(
-                unread.verdict(),
-                (Class::Rst, Cause::UnreadData, None),
-                "{reason:?}"
-            );
+            assert_eq!(unread.verdict(), (Class::Rst, Cause::UnreadData, None), "{reason:?}");
         }
         for reason in [None, Some(ResetReason::TcpState)] {
             let linger = client()
@@ -760,11 +693,7 @@ mod tests {
                     }),
                 )
                 .rst_out(reason);
-            assert_eq!(
-                linger.verdict(),
-                (Class::Rst, Cause::LingerZero, None),
-                "{reason:?}"
-            );
+            assert_eq!(linger.verdict(), (Class::Rst, Cause::LingerZero, None), "{reason:?}");
 
             let disconnect = client().close(Established, sock(|_| {})).rst_out(reason);
             assert_eq!(disconnect.verdict(), (Class::Rst, Cause::Disconnect, None));
@@ -788,11 +717,7 @@ mod tests {
                 .to(FinWait2, FinWait2)
                 .close(FinWait2, orphan(|s| s.linger2 = -1))
                 .rst_out(reason);
-            assert_eq!(
-                linger2.verdict(),
-                (Class::Rst, Cause::Linger2, None),
-                "{reason:?}"
-            );
+            assert_eq!(linger2.verdict(), (Class::Rst, Cause::Linger2, None), "{reason:?}");
         }
     }
 
@@ -805,11 +730,7 @@ mod tests {
                 .rst_in()
                 .close(FinWait1, orphan(|s| s.sk_err = errno::ECONNRESET))
                 .rst_reply(reason);
-            assert_eq!(
-                data.verdict(),
-                (Class::Rst, Cause::DataAfterClose, None),
-                "{reason:?}"
-            );
+            assert_eq!(data.verdict(), (Class::Rst, Cause::DataAfterClose, None), "{reason:?}");
 
             // Orphan in FIN_WAIT1 gets its ACK with linger2 < 0: no fake RST_RX.
             let fin_wait1 = client()
@@ -818,10 +739,7 @@ mod tests {
                 .at_once()
                 .close(FinWait2, orphan(|s| s.linger2 = -1))
                 .rst_reply(reason);
-            assert_eq!(
-                fin_wait1.verdict(),
-                (Class::Rst, Cause::Linger2, Some("fin_wait1"))
-            );
+            assert_eq!(fin_wait1.verdict(), (Class::Rst, Cause::Linger2, Some("fin_wait1")));
         }
     }
 
@@ -835,10 +753,7 @@ mod tests {
                 s.send_window = 64000;
             }),
         );
-        assert_eq!(
-            retransmit.verdict(),
-            (Class::Timeout, Cause::Retransmit, None)
-        );
+        assert_eq!(retransmit.verdict(), (Class::Timeout, Cause::Retransmit, None));
 
         // The soft error (ICMP host unreachable) replaces ETIMEDOUT.
         let soft = client().close(
@@ -850,10 +765,7 @@ mod tests {
                 s.send_window = 1;
             }),
         );
-        assert_eq!(
-            soft.verdict(),
-            (Class::Timeout, Cause::Retransmit, Some("EHOSTUNREACH"))
-        );
+        assert_eq!(soft.verdict(), (Class::Timeout, Cause::Retransmit, Some("EHOSTUNREACH")));
 
         let user_timeout = client().close(
             Established,
@@ -877,10 +789,7 @@ mod tests {
                 s.send_window = 1;
             }),
         );
-        assert_eq!(
-            orphan_retries.verdict(),
-            (Class::Timeout, Cause::Retransmit, Some("orphan"))
-        );
+        assert_eq!(orphan_retries.verdict(), (Class::Timeout, Cause::Retransmit, Some("orphan")));
 
         for reason in [None, Some(ResetReason::TcpKeepaliveTimeout)] {
             let keepalive = client().rst_out(reason).close(
@@ -892,10 +801,7 @@ mod tests {
                     s.send_window = 1;
                 }),
             );
-            assert_eq!(
-                keepalive.verdict(),
-                (Class::Timeout, Cause::Keepalive, None)
-            );
+            assert_eq!(keepalive.verdict(), (Class::Timeout, Cause::Keepalive, None));
         }
 
         let syn = Build::new(Role::Client).to(Close, SynSent).close(
@@ -915,10 +821,7 @@ mod tests {
                 s.send_window = 0;
             }),
         );
-        assert_eq!(
-            zero_window.verdict(),
-            (Class::Timeout, Cause::ZeroWindow, None)
-        );
+        assert_eq!(zero_window.verdict(), (Class::Timeout, Cause::ZeroWindow, None));
 
         // A keepalive socket that was busy retransmitting timed out on retransmissions.
         let keepalive_on_but_rto = client().close(
@@ -930,10 +833,7 @@ mod tests {
                 s.send_window = 10;
             }),
         );
-        assert_eq!(
-            keepalive_on_but_rto.verdict(),
-            (Class::Timeout, Cause::Retransmit, None)
-        );
+        assert_eq!(keepalive_on_but_rto.verdict(), (Class::Timeout, Cause::Retransmit, None));
 
         for reason in [None, Some(ResetReason::TcpState)] {
             let fin_wait2 = client()
@@ -956,10 +856,7 @@ mod tests {
         let killed_connecting = Build::new(Role::Client)
             .to(Close, SynSent)
             .close(SynSent, sock(|s| s.sk_err = errno::ECONNABORTED));
-        assert_eq!(
-            killed_connecting.verdict(),
-            (Class::Other, Cause::Killed, None)
-        );
+        assert_eq!(killed_connecting.verdict(), (Class::Other, Cause::Killed, None));
 
         let cancelled = Build::new(Role::Client).to(Close, SynSent).close(
             SynSent,
@@ -974,10 +871,7 @@ mod tests {
         let unreachable = Build::new(Role::Client)
             .to(Close, SynSent)
             .close(SynSent, sock(|s| s.sk_err = errno::EHOSTUNREACH));
-        assert_eq!(
-            unreachable.verdict(),
-            (Class::Other, Cause::Unreachable, Some("EHOSTUNREACH"))
-        );
+        assert_eq!(unreachable.verdict(), (Class::Other, Cause::Unreachable, Some("EHOSTUNREACH")));
 
         let port_unreachable = Build::new(Role::Client)
             .to(Close, SynSent)
@@ -988,23 +882,15 @@ mod tests {
         );
 
         for reason in [None, Some(ResetReason::TcpAbortOnMemory)] {
-            let memory = client()
-                .to(Established, FinWait1)
-                .close(FinWait1, orphan(|_| {}))
-                .rst_out(reason);
+            let memory =
+                client().to(Established, FinWait1).close(FinWait1, orphan(|_| {})).rst_out(reason);
             assert_eq!(memory.verdict(), (Class::Other, Cause::Memory, None));
         }
 
-        let teardown = client()
-            .to(Established, FinWait1)
-            .close(FinWait1, orphan(|_| {}));
+        let teardown = client().to(Established, FinWait1).close(FinWait1, orphan(|_| {}));
         assert_eq!(
             teardown.verdict(),
-            (
-                Class::Other,
-                Cause::Unknown,
-                Some("orphan_closed_without_reset")
-            )
+            (Class::Other, Cause::Unknown, Some("orphan_closed_without_reset"))
         );
     }
 

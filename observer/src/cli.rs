@@ -30,11 +30,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DaemonArgs {
     /// Address on which to expose metrics, /connections and /healthz.
-    #[arg(
-        long = "web.listen-address",
-        value_name = "ADDRESS",
-        default_value = "127.0.0.1:9977"
-    )]
+    #[arg(long = "web.listen-address", value_name = "ADDRESS", default_value = "127.0.0.1:9977")]
     pub listen_address: SocketAddr,
 
     /// Path under which to expose metrics.
@@ -51,12 +47,13 @@ pub struct DaemonArgs {
     pub max_ports: usize,
 
     /// Closed connections kept for /connections (newest replace oldest).
-    #[arg(
-        long = "connections.max-recent",
-        value_name = "N",
-        default_value_t = 1000
-    )]
+    #[arg(long = "connections.max-recent", value_name = "N", default_value_t = 1000)]
     pub max_recent: usize,
+
+    /// Also append every kernel event, decoded, to this file as JSON lines (the raw
+    /// evidence behind each verdict, for bug reports; grows without bound).
+    #[arg(long = "debug.events-file", value_name = "PATH")]
+    pub events_file: Option<std::path::PathBuf>,
 }
 
 /// Flags shared by the exporter and `watch`.
@@ -68,12 +65,7 @@ pub struct CommonArgs {
 
     /// Sockets followed at once; past this the least recently active is dropped
     /// (counted in observer_tracker_dropped_sockets_total).
-    #[arg(
-        long = "tracker.max-sockets",
-        value_name = "N",
-        default_value = "262144",
-        global = true
-    )]
+    #[arg(long = "tracker.max-sockets", value_name = "N", default_value = "262144", global = true)]
     pub max_sockets: NonZeroUsize,
 
     /// Size of the kernel-to-daemon ring buffer in bytes (rounded up to a power of two
@@ -153,6 +145,7 @@ mod tests {
             "--connections.max-recent",
             "--tracker.max-sockets",
             "--bpf.ring-buffer-bytes",
+            "--debug.events-file",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }
@@ -171,9 +164,7 @@ mod tests {
         assert!(Cli::try_parse_from(["observer", "watch", "--json", "--events"]).is_err());
         let watch =
             Cli::try_parse_from(["observer", "watch", "--port", "80", "--port", "443"]).unwrap();
-        let Some(Command::Watch(args)) = watch.command else {
-            panic!("not watch")
-        };
+        let Some(Command::Watch(args)) = watch.command else { panic!("not watch") };
         assert_eq!(args.ports, vec![80, 443]);
     }
 }

@@ -26,19 +26,13 @@ pub enum Error {
     KernelLayout { field: &'static str },
 
     #[error("failed to load eBPF program `{program}`: {reason}")]
-    LoadProgram {
-        program: &'static str,
-        reason: String,
-    },
+    LoadProgram { program: &'static str, reason: String },
 
     #[error("failed to load the eBPF object: {reason}")]
     LoadObject { reason: String },
 
     #[error("failed to attach eBPF program `{program}`: {reason}")]
-    Attach {
-        program: &'static str,
-        reason: String,
-    },
+    Attach { program: &'static str, reason: String },
 
     #[error("cannot listen on {address}: {source}")]
     Listen {

@@ -141,22 +141,19 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(layout: &KernelLayout) -> Self {
-        Self {
-            fields: layout.fields,
-            reset_reasons: layout.reset_reasons.clone(),
-        }
+        Self { fields: layout.fields, reset_reasons: layout.reset_reasons.clone() }
     }
 
     pub fn decode(&self, record: &[u8]) -> Result<SocketEvent, DecodeError> {
         let header: EventHeader = read_record(record)?;
         match EventKind::from_u32(header.kind) {
             Some(EventKind::State) => Ok(SocketEvent::State(self.state(&read_record(record)?))),
-            Some(EventKind::ResetSent) => Ok(SocketEvent::Reset(
-                self.reset(&read_record(record)?, ResetDirection::Sent),
-            )),
-            Some(EventKind::ResetReceived) => Ok(SocketEvent::Reset(
-                self.reset(&read_record(record)?, ResetDirection::Received),
-            )),
+            Some(EventKind::ResetSent) => {
+                Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Sent)))
+            }
+            Some(EventKind::ResetReceived) => {
+                Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Received)))
+            }
             None => Err(DecodeError::UnknownKind { kind: header.kind }),
         }
     }
@@ -179,17 +176,11 @@ impl Decoder {
         };
         let remote_port = u16::from_be(field(SockField::DestinationPort) as u16);
         let (local_ip, remote_ip) = if family == AF_INET6 {
-            (
-                IpAddr::V6(Ipv6Addr::from(raw.saddr_v6)),
-                IpAddr::V6(Ipv6Addr::from(raw.daddr_v6)),
-            )
+            (IpAddr::V6(Ipv6Addr::from(raw.saddr_v6)), IpAddr::V6(Ipv6Addr::from(raw.daddr_v6)))
         } else {
             debug_assert!(family == AF_INET || family == 0, "family {family}");
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
-            (
-                v4(field(SockField::SourceAddr4)),
-                v4(field(SockField::DestinationAddr4)),
-            )
+            (v4(field(SockField::SourceAddr4)), v4(field(SockField::DestinationAddr4)))
         };
         let receive_next = field(SockField::ReceiveNext) as u32;
         let copied = field(SockField::CopiedSeq) as u32;
@@ -227,12 +218,7 @@ impl Decoder {
     fn reset(&self, raw: &ResetEvent, direction: ResetDirection) -> Reset {
         let reason = match raw.reason {
             NO_REASON => None,
-            value => Some(
-                self.reset_reasons
-                    .get(&value)
-                    .copied()
-                    .unwrap_or(ResetReason::Other),
-            ),
+            value => Some(self.reset_reasons.get(&value).copied().unwrap_or(ResetReason::Other)),
         };
         Reset {
             timestamp_ns: raw.header.timestamp_ns,
@@ -275,20 +261,12 @@ mod tests {
                 SockField::BytesAcked | SockField::BytesReceived => (64, false),
                 _ => (32, false),
             };
-            fields[field as usize] = FieldDecoder {
-                present: true,
-                shift: 0,
-                bits,
-                signed,
-            };
+            fields[field as usize] = FieldDecoder { present: true, shift: 0, bits, signed };
         }
         let mut reset_reasons = HashMap::new();
         reset_reasons.insert(14, ResetReason::TcpState);
         KernelLayout {
-            config: ProgramConfig {
-                valid: 1,
-                ..ProgramConfig::UNSET
-            },
+            config: ProgramConfig { valid: 1, ..ProgramConfig::UNSET },
             fields,
             reset_reasons,
             missing: vec![],
@@ -302,13 +280,7 @@ mod tests {
     }
 
     fn header(kind: EventKind) -> EventHeader {
-        EventHeader {
-            kind: kind as u32,
-            cpu: 1,
-            timestamp_ns: 5,
-            skaddr: 0xffff_0001,
-            cookie: 9,
-        }
+        EventHeader { kind: kind as u32, cpu: 1, timestamp_ns: 5, skaddr: 0xffff_0001, cookie: 9 }
     }
 
     #[test]
@@ -324,32 +296,13 @@ mod tests {
             _pad: 0,
         };
         let set = |raw: &mut StateEvent, field: SockField, low: u64, bits: u32| {
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                (1 << bits) - 1
-            };
+            let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
             raw.sock[field as usize] = (raw.sock[field as usize] & !mask) | low;
         };
         set(&mut raw, SockField::Family, 2, 16);
-        set(
-            &mut raw,
-            SockField::SourcePort,
-            u64::from(8080u16.to_be()),
-            16,
-        );
-        set(
-            &mut raw,
-            SockField::DestinationPort,
-            u64::from(40000u16.to_be()),
-            16,
-        );
-        set(
-            &mut raw,
-            SockField::SourceAddr4,
-            u64::from(u32::from_ne_bytes([10, 0, 0, 2])),
-            32,
-        );
+        set(&mut raw, SockField::SourcePort, u64::from(8080u16.to_be()), 16);
+        set(&mut raw, SockField::DestinationPort, u64::from(40000u16.to_be()), 16);
+        set(&mut raw, SockField::SourceAddr4, u64::from(u32::from_ne_bytes([10, 0, 0, 2])), 32);
         set(
             &mut raw,
             SockField::DestinationAddr4,
@@ -365,9 +318,7 @@ mod tests {
         set(&mut raw, SockField::SrttUs, 800, 32);
 
         let decoded = Decoder::new(&layout()).decode(&bytes(&raw)).unwrap();
-        let SocketEvent::State(change) = decoded else {
-            panic!("not a state event")
-        };
+        let SocketEvent::State(change) = decoded else { panic!("not a state event") };
         assert_eq!(change.old, TcpState::FinWait1);
         assert_eq!(change.new, TcpState::Close);
         assert_eq!(change.local, "10.0.0.2:8080".parse().unwrap());
@@ -377,12 +328,7 @@ mod tests {
         assert_eq!(change.snapshot.shutdown, 3);
         assert_eq!(
             change.snapshot.flags,
-            SockFlags {
-                dead: true,
-                done: true,
-                keepalive: true,
-                linger: true
-            }
+            SockFlags { dead: true, done: true, keepalive: true, linger: true }
         );
         assert_eq!(change.snapshot.unread_bytes, 100);
         assert!(change.snapshot.has_unread_data());
@@ -404,9 +350,7 @@ mod tests {
         };
         raw.sock[SockField::Family as usize] = 10;
         let decoder = Decoder::new(&layout());
-        let SocketEvent::State(change) = decoder.decode(&bytes(&raw)).unwrap() else {
-            panic!()
-        };
+        let SocketEvent::State(change) = decoder.decode(&bytes(&raw)).unwrap() else { panic!() };
         assert_eq!(change.local.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(change.remote.ip().to_string(), "fd00::2");
 
@@ -417,9 +361,7 @@ mod tests {
             answers_packet: 0,
             _pad: 0,
         };
-        let SocketEvent::Reset(reset) = decoder.decode(&bytes(&reset)).unwrap() else {
-            panic!()
-        };
+        let SocketEvent::Reset(reset) = decoder.decode(&bytes(&reset)).unwrap() else { panic!() };
         assert_eq!(reset.reason, Some(ResetReason::TcpState));
         assert_eq!(reset.state, TcpState::Close);
         assert_eq!(reset.direction, ResetDirection::Sent);
@@ -429,25 +371,10 @@ mod tests {
     #[test]
     fn rejects_short_and_unknown_records() {
         let decoder = Decoder::new(&layout());
-        assert_eq!(
-            decoder.decode(&[1, 0, 0]),
-            Err(DecodeError::Truncated { len: 3 })
-        );
-        let header = EventHeader {
-            kind: 99,
-            cpu: 0,
-            timestamp_ns: 0,
-            skaddr: 0,
-            cookie: 0,
-        };
-        assert_eq!(
-            decoder.decode(&bytes(&header)),
-            Err(DecodeError::UnknownKind { kind: 99 })
-        );
+        assert_eq!(decoder.decode(&[1, 0, 0]), Err(DecodeError::Truncated { len: 3 }));
+        let header = EventHeader { kind: 99, cpu: 0, timestamp_ns: 0, skaddr: 0, cookie: 0 };
+        assert_eq!(decoder.decode(&bytes(&header)), Err(DecodeError::UnknownKind { kind: 99 }));
         let short_state = bytes(&EventHeader { kind: 1, ..header });
-        assert_eq!(
-            decoder.decode(&short_state),
-            Err(DecodeError::Truncated { len: 32 })
-        );
+        assert_eq!(decoder.decode(&short_state), Err(DecodeError::Truncated { len: 32 }));
     }
 }

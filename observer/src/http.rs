@@ -35,13 +35,7 @@ struct Recent {
 
 impl RecentConnections {
     pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            items: Mutex::new(Recent {
-                next_seq: 1,
-                reports: VecDeque::new(),
-            }),
-        }
+        Self { max, items: Mutex::new(Recent { next_seq: 1, reports: VecDeque::new() }) }
     }
 
     pub fn push(&self, mut report: ConnectionReport) {
@@ -89,13 +83,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
 
@@ -122,14 +110,8 @@ impl Filter {
         self.after.is_none_or(|after| report.seq > after)
             && self.port.is_none_or(|port| report.port == port)
             && self.netns.is_none_or(|netns| report.netns == netns)
-            && self
-                .class
-                .as_deref()
-                .is_none_or(|class| report.class.name() == class)
-            && self
-                .cause
-                .as_deref()
-                .is_none_or(|cause| report.cause.name() == cause)
+            && self.class.as_deref().is_none_or(|class| report.class.name() == class)
+            && self.cause.as_deref().is_none_or(|cause| report.cause.name() == cause)
     }
 }
 
@@ -138,17 +120,9 @@ async fn connections(
     State(state): State<AppState>,
     Query(filter): Query<Filter>,
 ) -> Json<Vec<ConnectionReport>> {
-    let items = state
-        .recent
-        .items
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    let mut selected: Vec<ConnectionReport> = items
-        .reports
-        .iter()
-        .filter(|report| filter.matches(report))
-        .cloned()
-        .collect();
+    let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut selected: Vec<ConnectionReport> =
+        items.reports.iter().filter(|report| filter.matches(report)).cloned().collect();
     drop(items);
     if let Some(limit) = filter.limit
         && selected.len() > limit

@@ -40,11 +40,7 @@ impl FieldDecoder {
             return 0;
         }
         let value = raw >> self.shift;
-        if self.bits >= 64 {
-            value
-        } else {
-            value & ((1u64 << self.bits) - 1)
-        }
+        if self.bits >= 64 { value } else { value & ((1u64 << self.bits) - 1) }
     }
 
     pub fn signed(&self, raw: u64) -> i64 {
@@ -127,10 +123,8 @@ impl KernelLayout {
         if !path.exists() {
             return Err(Error::NoBtf { path: VMLINUX_BTF });
         }
-        let btf = Btf::from_file(path).map_err(|source| Error::BtfParse {
-            path: VMLINUX_BTF,
-            reason: source.to_string(),
-        })?;
+        let btf = Btf::from_file(path)
+            .map_err(|source| Error::BtfParse { path: VMLINUX_BTF, reason: source.to_string() })?;
         Self::from_btf(&btf)
     }
 
@@ -178,17 +172,11 @@ impl KernelLayout {
             .ok_or(Error::KernelLayout { field: "skc_state" })?;
         let protocol = resolver
             .member("sock", &["sk_protocol"])
-            .ok_or(Error::KernelLayout {
-                field: "sk_protocol",
-            })?;
+            .ok_or(Error::KernelLayout { field: "sk_protocol" })?;
         config.protocol = BitField {
             offset: protocol.bit_offset / 8,
             shift: protocol.bit_offset % 8,
-            mask: if protocol.bits >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << protocol.bits) - 1
-            },
+            mask: if protocol.bits >= 32 { u32::MAX } else { (1u32 << protocol.bits) - 1 },
         };
 
         // tcp_send_reset(sk, skb) before 6.10; (sk, skb, reason) since.
@@ -197,12 +185,7 @@ impl KernelLayout {
         let reset_reasons = resolver.enum_values("sk_rst_reason");
         config.valid = 1;
 
-        Ok(Self {
-            config,
-            fields,
-            reset_reasons,
-            missing,
-        })
+        Ok(Self { config, fields, reset_reasons, missing })
     }
 
     pub fn decoder(&self, field: SockField) -> FieldDecoder {
@@ -239,16 +222,8 @@ impl Resolver<'_> {
                 };
             } else {
                 let (byte_size, signed) = self.scalar_shape(&member_type)?;
-                let bits = member
-                    .bitfield_size()
-                    .filter(|&b| b > 0)
-                    .unwrap_or(byte_size * 8);
-                found = Some(ResolvedMember {
-                    bit_offset: base_bits,
-                    bits,
-                    byte_size,
-                    signed,
-                });
+                let bits = member.bitfield_size().filter(|&b| b > 0).unwrap_or(byte_size * 8);
+                found = Some(ResolvedMember { bit_offset: base_bits, bits, byte_size, signed });
             }
         }
         found
@@ -275,14 +250,10 @@ impl Resolver<'_> {
     }
 
     fn struct_by_name(&self, name: &str) -> Option<btf_rs::Struct> {
-        self.btf
-            .resolve_types_by_name(name)
-            .ok()?
-            .into_iter()
-            .find_map(|t| match t {
-                Type::Struct(s) if !s.members.is_empty() => Some(s),
-                _ => None,
-            })
+        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
@@ -358,44 +329,19 @@ mod tests {
 
     #[test]
     fn decodes_plain_fields_and_bit_fields() {
-        let byte = FieldDecoder {
-            present: true,
-            shift: 0,
-            bits: 8,
-            signed: false,
-        };
+        let byte = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
         assert_eq!(byte.unsigned(0xdead_beef_0000_0103), 3);
-        let int = FieldDecoder {
-            present: true,
-            shift: 0,
-            bits: 32,
-            signed: true,
-        };
+        let int = FieldDecoder { present: true, shift: 0, bits: 32, signed: true };
         assert_eq!(int.signed(0x1234_5678_ffff_ffff), -1);
         assert_eq!(int.signed(0x0000_0000_0000_006e), 110);
         // sk_protocol:8 at bit 8 of its word, as in 5.x.
-        let protocol = FieldDecoder {
-            present: true,
-            shift: 0,
-            bits: 8,
-            signed: false,
-        };
+        let protocol = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
         assert_eq!(protocol.unsigned(0xff06), 6);
-        let bitfield = FieldDecoder {
-            present: true,
-            shift: 4,
-            bits: 4,
-            signed: false,
-        };
+        let bitfield = FieldDecoder { present: true, shift: 4, bits: 4, signed: false };
         assert_eq!(bitfield.unsigned(0b1010_0000), 0b1010);
         let absent = FieldDecoder::default();
         assert_eq!(absent.unsigned(u64::MAX), 0);
-        let wide = FieldDecoder {
-            present: true,
-            shift: 0,
-            bits: 64,
-            signed: false,
-        };
+        let wide = FieldDecoder { present: true, shift: 0, bits: 64, signed: false };
         assert_eq!(wide.unsigned(u64::MAX), u64::MAX);
     }
 

@@ -34,7 +34,8 @@ pub mod tcp;
 pub mod tracker;
 
 use std::{
-    io::Write as _,
+    fs::File,
+    io::{BufWriter, Write as _},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -61,10 +62,7 @@ fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error
     loader::check_privileges()?;
     let layout = KernelLayout::from_running_kernel()?;
     if !layout.missing.is_empty() {
-        log::warn!(
-            "this kernel lacks {}; those fields read as 0",
-            layout.missing.join(", ")
-        );
+        log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
     let attached = loader::load(&layout, common.ring_buffer_bytes)?;
     Ok((layout, attached))
@@ -78,17 +76,39 @@ fn log_unknown(report: &ConnectionReport) {
     }
 }
 
-/// Feeds `/connections` and the log.
+/// Feeds `/connections`, the log, and `--debug.events-file`.
 struct DaemonSink {
     recent: Arc<RecentConnections>,
     clock: Clock,
+    events_file: Option<BufWriter<File>>,
 }
 
 impl Sink for DaemonSink {
+    fn event(&mut self, event: &SocketEvent) {
+        if let Some(file) = &mut self.events_file {
+            let written = serde_json::to_writer(&mut *file, event)
+                .map_err(std::io::Error::from)
+                .and_then(|()| file.write_all(b"\n"));
+            if let Err(error) = written {
+                log::error!("cannot write to the events file, no longer recording: {error}");
+                self.events_file = None;
+            }
+        }
+    }
+
     fn closed(&mut self, connection: &ClosedConnection) {
         let report = ConnectionReport::new(connection, &self.clock);
         log_unknown(&report);
         self.recent.push(report);
+    }
+
+    fn flush(&mut self) {
+        if let Some(file) = &mut self.events_file
+            && let Err(error) = file.flush()
+        {
+            log::error!("cannot write to the events file, no longer recording: {error}");
+            self.events_file = None;
+        }
     }
 }
 
@@ -98,13 +118,18 @@ pub async fn run_daemon(
     common: CommonArgs,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let events_file =
+        match &args.events_file {
+            Some(path) => Some(BufWriter::new(File::create(path).map_err(|source| Error::Io {
+                context: "cannot create the events file",
+                source,
+            })?)),
+            None => None,
+        };
     let (layout, attached) = attach(&common)?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
-        .map_err(|source| Error::Listen {
-            address: args.listen_address,
-            source,
-        })?;
+        .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
 
     let metrics = Arc::new(Metrics::new(args.max_ports));
@@ -124,17 +149,9 @@ pub async fn run_daemon(
     });
     log::info!("listening on http://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink {
-        recent,
-        clock: Clock::now(),
-    };
-    let pipeline = Pipeline::new(
-        attached,
-        Decoder::new(&layout),
-        common.max_sockets,
-        metrics,
-        sink,
-    );
+    let sink = DaemonSink { recent, clock: Clock::now(), events_file };
+    let pipeline =
+        Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink);
     let result = pipeline.run(shutdown.clone()).await;
     healthy.store(false, Ordering::Relaxed);
     shutdown.cancel();
@@ -156,10 +173,7 @@ struct WatchSink {
 impl WatchSink {
     fn print(&self, line: &str) {
         let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{line}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
+        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
             // stdout closed (e.g. piped into `head`): stop quietly.
             self.stop.cancel();
         }
@@ -197,22 +211,12 @@ pub async fn run_watch(
 ) -> Result<(), Error> {
     let (layout, attached) = attach(&common)?;
     let metrics = Arc::new(Metrics::new(0));
-    let sink = WatchSink {
-        args: args.clone(),
-        clock: Clock::now(),
-        stop: shutdown.clone(),
-    };
+    let sink = WatchSink { args: args.clone(), clock: Clock::now(), stop: shutdown.clone() };
     log::info!("attached; printing connections as they close (Ctrl-C to stop)");
     if !args.json && !args.events {
         sink.print(&ConnectionReport::header());
     }
-    Pipeline::new(
-        attached,
-        Decoder::new(&layout),
-        common.max_sockets,
-        metrics,
-        sink,
-    )
-    .run(shutdown)
-    .await
+    Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink)
+        .run(shutdown)
+        .await
 }

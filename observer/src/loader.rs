@@ -45,16 +45,9 @@ impl LostEvents {
     /// Events the kernel could not deliver so far: ring buffer full, plus runs the kernel
     /// skipped because the same program was already running on that CPU.
     pub fn total(&self) -> u64 {
-        let ring_full: u64 = self
-            .ring_full
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or_default();
-        let skipped: u64 = self
-            .program_fds
-            .iter()
-            .map(|fd| recursion_misses(*fd))
-            .sum();
+        let ring_full: u64 =
+            self.ring_full.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or_default();
+        let skipped: u64 = self.program_fds.iter().map(|fd| recursion_misses(*fd)).sum();
         ring_full + skipped
     }
 }
@@ -73,10 +66,8 @@ fn recursion_misses(fd: RawFd) -> u64 {
 
 /// Fails with a one-line explanation unless we may load tracing programs.
 pub fn check_privileges() -> Result<(), Error> {
-    let status = fs::read_to_string("/proc/self/status").map_err(|source| Error::Io {
-        context: "cannot read /proc/self/status",
-        source,
-    })?;
+    let status = fs::read_to_string("/proc/self/status")
+        .map_err(|source| Error::Io { context: "cannot read /proc/self/status", source })?;
     let effective = status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
@@ -91,9 +82,7 @@ pub fn check_privileges() -> Result<(), Error> {
         .filter(|(cap, _)| !has(*cap))
         .map(|(_, name)| name)
         .collect();
-    Err(Error::Privileges {
-        missing: missing.join(", "),
-    })
+    Err(Error::Privileges { missing: missing.join(", ") })
 }
 
 pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
@@ -103,9 +92,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         .override_global("CONFIG", &layout.config, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(object)
-        .map_err(|error| Error::LoadObject {
-            reason: error_chain(&error),
-        })?;
+        .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
 
     let btf = aya::Btf::from_sys_fs().map_err(|error| Error::BtfParse {
         path: crate::kernel_layout::VMLINUX_BTF,
@@ -115,10 +102,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
     for name in PROGRAMS {
         let program: &mut BtfTracePoint = ebpf
             .program_mut(name)
-            .ok_or(Error::LoadProgram {
-                program: name,
-                reason: "not in the object".into(),
-            })?
+            .ok_or(Error::LoadProgram { program: name, reason: "not in the object".into() })?
             .try_into()
             .map_err(|error: ProgramError| Error::LoadProgram {
                 program: name,
@@ -128,65 +112,40 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
             if let ProgramError::LoadError { verifier_log, .. } = &error {
                 log::debug!("verifier log for {name}:\n{verifier_log}");
             }
-            Error::LoadProgram {
-                program: name,
-                reason: error_chain(&error),
-            }
+            Error::LoadProgram { program: name, reason: error_chain(&error) }
         })?;
-        program.attach().map_err(|error| Error::Attach {
-            program: name,
-            reason: error_chain(&error),
-        })?;
-        let fd = program.fd().map_err(|error| Error::Attach {
-            program: name,
-            reason: error.to_string(),
-        })?;
+        program
+            .attach()
+            .map_err(|error| Error::Attach { program: name, reason: error_chain(&error) })?;
+        let fd = program
+            .fd()
+            .map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
         program_fds.push(fd.as_fd().as_raw_fd());
     }
 
     let events = ebpf
         .take_map("EVENTS")
-        .ok_or(Error::LoadObject {
-            reason: "map EVENTS missing".into(),
-        })
+        .ok_or(Error::LoadObject { reason: "map EVENTS missing".into() })
         .and_then(|map| {
-            RingBuf::try_from(map).map_err(|error| Error::LoadObject {
-                reason: error.to_string(),
-            })
+            RingBuf::try_from(map).map_err(|error| Error::LoadObject { reason: error.to_string() })
         })?;
     let ring_full = ebpf
         .take_map("LOST")
-        .ok_or(Error::LoadObject {
-            reason: "map LOST missing".into(),
-        })
+        .ok_or(Error::LoadObject { reason: "map LOST missing".into() })
         .and_then(|map| {
-            PerCpuArray::try_from(map).map_err(|error| Error::LoadObject {
-                reason: error.to_string(),
-            })
+            PerCpuArray::try_from(map)
+                .map_err(|error| Error::LoadObject { reason: error.to_string() })
         })?;
-    Ok(Attached {
-        events,
-        lost: LostEvents {
-            _ebpf: ebpf,
-            ring_full,
-            program_fds,
-        },
-    })
+    Ok(Attached { events, lost: LostEvents { _ebpf: ebpf, ring_full, program_fds } })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising
 /// it needs CAP_SYS_RESOURCE, which a CAP_BPF-only deployment may lack: not an error.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!(
-            "cannot raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
+        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -17,24 +17,16 @@ fn main() -> ExitCode {
         .filter_level(cli.common.log_level.filter())
         .format_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            return fail(&Error::Io {
-                context: "cannot start the runtime",
-                source: error,
-            });
+            return fail(&Error::Io { context: "cannot start the runtime", source: error });
         }
     };
     let result = runtime.block_on(async {
         let token = CancellationToken::new();
-        shutdown::cancel_on_signals(token.clone()).map_err(|source| Error::Io {
-            context: "cannot install signal handlers",
-            source,
-        })?;
+        shutdown::cancel_on_signals(token.clone())
+            .map_err(|source| Error::Io { context: "cannot install signal handlers", source })?;
         match cli.command {
             None => observer::run_daemon(cli.daemon, cli.common, token).await,
             Some(Command::Watch(args)) => observer::run_watch(args, cli.common, token).await,

@@ -58,17 +58,13 @@ impl PortLabels {
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
     metric
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
     metric
 }
 
@@ -88,16 +84,11 @@ impl Metrics {
             &["from", "to"],
         );
         let sockets = IntGaugeVec::new(
-            Opts::new(
-                "observer_tcp_sockets",
-                "Live TCP sockets tracked, by current state.",
-            ),
+            Opts::new("observer_tcp_sockets", "Live TCP sockets tracked, by current state."),
             &["state"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(sockets.clone()))
-            .expect("unique metric");
+        registry.register(Box::new(sockets.clone())).expect("unique metric");
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "observer_tcp_connection_duration_seconds",
@@ -107,9 +98,7 @@ impl Metrics {
             &["class"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("unique metric");
+        registry.register(Box::new(duration.clone())).expect("unique metric");
         let resets = counter_vec(
             &registry,
             "observer_tcp_resets_total",
@@ -142,27 +131,16 @@ impl Metrics {
             "Sockets in the tracking table, including closed ones awaiting a verdict.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(tracked.clone()))
-            .expect("unique metric");
+        registry.register(Box::new(tracked.clone())).expect("unique metric");
         let build_info = IntGaugeVec::new(
-            Opts::new(
-                "observer_build_info",
-                "Build information; the value is always 1.",
-            ),
+            Opts::new("observer_build_info", "Build information; the value is always 1."),
             &["version"],
         )
         .expect("valid metric");
+        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
 
         for state in TcpState::ALL {
@@ -187,39 +165,23 @@ impl Metrics {
             malformed,
             dropped_sockets,
             tracked,
-            ports: Mutex::new(PortLabels {
-                max: max_ports,
-                seen: HashSet::new(),
-            }),
+            ports: Mutex::new(PortLabels { max: max_ports, seen: HashSet::new() }),
         }
     }
 
     pub fn record_close(&self, closed: &ClosedConnection) {
-        let port = self
-            .ports
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .label(closed.port);
+        let port = self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(closed.port);
         let class = closed.verdict.class().name();
         self.closes
-            .with_label_values(&[
-                class,
-                closed.verdict.cause.name(),
-                closed.role.name(),
-                &port,
-            ])
+            .with_label_values(&[class, closed.verdict.cause.name(), closed.role.name(), &port])
             .inc();
         if let Some(duration) = closed.duration_ns {
-            self.duration
-                .with_label_values(&[class])
-                .observe(duration as f64 / 1e9);
+            self.duration.with_label_values(&[class]).observe(duration as f64 / 1e9);
         }
     }
 
     pub fn record_transition(&self, from: TcpState, to: TcpState) {
-        self.transitions
-            .with_label_values(&[from.name(), to.name()])
-            .inc();
+        self.transitions.with_label_values(&[from.name(), to.name()]).inc();
     }
 
     pub fn record_reset(&self, reset: &Reset) {
@@ -228,9 +190,7 @@ impl Metrics {
             (None, ResetDirection::Sent) => "unknown",
             (None, ResetDirection::Received) => "not_reported",
         };
-        self.resets
-            .with_label_values(&[reset.direction.name(), reason])
-            .inc();
+        self.resets.with_label_values(&[reset.direction.name(), reason]).inc();
     }
 
     pub fn record_event(&self) {
@@ -289,10 +249,7 @@ mod tests {
 
     #[test]
     fn caps_port_labels() {
-        let mut ports = PortLabels {
-            max: 2,
-            seen: HashSet::new(),
-        };
+        let mut ports = PortLabels { max: 2, seen: HashSet::new() };
         assert_eq!(ports.label(80), "80");
         assert_eq!(ports.label(443), "443");
         assert_eq!(ports.label(8080), OTHER_PORT);

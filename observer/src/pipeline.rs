@@ -31,6 +31,8 @@ pub trait Sink {
     fn event(&mut self, _event: &SocketEvent) {}
     /// Every connection verdict.
     fn closed(&mut self, connection: &ClosedConnection);
+    /// The ring buffer was drained: events seen so far precede any verdict to come.
+    fn flush(&mut self) {}
 }
 
 pub struct Pipeline<S> {
@@ -64,31 +66,15 @@ impl<S: Sink> Pipeline<S> {
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self {
-            attached,
-            decoder,
-            tracker,
-            metrics,
-            sink,
-            decided,
-            lost_read_at,
-        } = self;
+        let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
         let Attached { events, lost } = attached;
-        let mut state = Running {
-            decoder,
-            tracker,
-            metrics,
-            sink,
-            decided,
-            lost_read_at,
-        };
+        let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
         // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
         // descriptor stays open for as long as it is registered.
-        let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-            .map_err(|error| Error::Io {
-                context: "cannot poll the ring buffer",
-                source: error.into(),
-            })?;
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }.map_err(
+                |error| Error::Io { context: "cannot poll the ring buffer", source: error.into() },
+            )?;
         loop {
             let wait = state.next_wake();
             tokio::select! {
@@ -144,6 +130,7 @@ impl<S: Sink> Running<S> {
                 }
             }
         }
+        self.sink.flush();
     }
 
     fn ingest(&mut self, event: &SocketEvent) {

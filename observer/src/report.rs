@@ -60,13 +60,8 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        Self {
-            offset_ns: wall as i128 - i128::from(monotonic_ns()),
-        }
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Self { offset_ns: wall as i128 - i128::from(monotonic_ns()) }
     }
 
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
@@ -77,10 +72,7 @@ impl Clock {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
@@ -94,11 +86,7 @@ impl ConnectionReport {
                 .to_string(),
             netns: closed.netns,
             cookie: closed.cookie,
-            family: if closed.local.is_ipv6() {
-                "ipv6"
-            } else {
-                "ipv4"
-            },
+            family: if closed.local.is_ipv6() { "ipv6" } else { "ipv4" },
             local: closed.local,
             remote: closed.remote,
             role: closed.role,

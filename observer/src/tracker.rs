@@ -84,10 +84,7 @@ struct Tracked {
 impl Tracked {
     fn new(role: Option<Role>, opened_ns: Option<u64>, change: &StateChange) -> Self {
         Self {
-            history: History {
-                role,
-                ..History::default()
-            },
+            history: History { role, ..History::default() },
             state: change.old,
             opened_ns,
             netns: change.netns,
@@ -140,10 +137,7 @@ pub struct Tracker {
 }
 
 fn state_index(state: TcpState) -> usize {
-    TcpState::ALL
-        .iter()
-        .position(|s| *s == state)
-        .unwrap_or(TcpState::ALL.len() - 1)
+    TcpState::ALL.iter().position(|s| *s == state).unwrap_or(TcpState::ALL.len() - 1)
 }
 
 impl Tracker {
@@ -171,10 +165,7 @@ impl Tracker {
 
     /// Live tracked sockets in each state.
     pub fn sockets_by_state(&self) -> impl Iterator<Item = (TcpState, i64)> + '_ {
-        TcpState::ALL
-            .iter()
-            .copied()
-            .zip(self.by_state.iter().copied())
+        TcpState::ALL.iter().copied().zip(self.by_state.iter().copied())
     }
 
     /// When the oldest closed socket's evidence window ends.
@@ -234,11 +225,7 @@ impl Tracker {
             let mut tracked = Tracked::new(role, Some(change.timestamp_ns), change);
             tracked.state = change.old;
             self.insert(change.socket, tracked, decided);
-        } else if self
-            .sockets
-            .peek(&change.socket)
-            .is_none_or(|t| t.is_closed())
-        {
+        } else if self.sockets.peek(&change.socket).is_none_or(|t| t.is_closed()) {
             if change.old == change.new || change.old == TcpState::Close {
                 // CLOSE -> CLOSE after a listener abort, or a repeat of a settled socket.
                 return Effect::None;
@@ -271,15 +258,11 @@ impl Tracker {
                 timestamp_ns: change.timestamp_ns,
                 snapshot: change.snapshot,
             });
-            self.closing
-                .push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
+            self.closing.push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
         } else {
             self.by_state[state_index(change.new)] += 1;
         }
-        Effect::Transition {
-            from: change.old,
-            to: change.new,
-        }
+        Effect::Transition { from: change.old, to: change.new }
     }
 
     fn reset(&mut self, reset: &Reset, decided: &mut Vec<ClosedConnection>) {
@@ -389,9 +372,7 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
         verdict,
         port,
         states,
-        duration_ns: tracked
-            .opened_ns
-            .map(|opened| close.timestamp_ns.saturating_sub(opened)),
+        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
         previous_state: close.previous,
         snapshot: close.snapshot,
         resets: tracked.history.resets,
@@ -445,10 +426,7 @@ mod tests {
         Snapshot {
             has_socket: true,
             shutdown: 3,
-            flags: crate::tcp::SockFlags {
-                linger: true,
-                ..Default::default()
-            },
+            flags: crate::tcp::SockFlags { linger: true, ..Default::default() },
             ..Snapshot::default()
         }
     }
@@ -480,10 +458,7 @@ mod tests {
         assert!(decided.is_empty());
         assert_eq!(t.next_deadline_ns(), Some(3_000_000 + EVIDENCE_WINDOW_NS));
         t.expire(3_000_000 + EVIDENCE_WINDOW_NS - 1, &mut decided);
-        assert!(
-            decided.is_empty(),
-            "decided before the evidence window ended"
-        );
+        assert!(decided.is_empty(), "decided before the evidence window ended");
         t.ingest(
             &SocketEvent::Reset(Reset {
                 timestamp_ns: 3_000_100,
@@ -537,16 +512,7 @@ mod tests {
         use TcpState::*;
         let mut t = tracker(4);
         for i in 0..100 {
-            feed(
-                &mut t,
-                &[change(
-                    SOCK + i * 4096,
-                    i,
-                    Close,
-                    SynSent,
-                    Snapshot::default(),
-                )],
-            );
+            feed(&mut t, &[change(SOCK + i * 4096, i, Close, SynSent, Snapshot::default())]);
         }
         assert_eq!(t.len(), 4);
         assert_eq!(t.stats().evicted, 96);
@@ -563,16 +529,7 @@ mod tests {
             &[
                 change(SOCK, 1, Close, Listen, Snapshot::default()),
                 change(SOCK, 5, Listen, Close, Snapshot::default()),
-                change(
-                    SOCK,
-                    5,
-                    Close,
-                    Close,
-                    Snapshot {
-                        sk_err: 103,
-                        ..Default::default()
-                    },
-                ),
+                change(SOCK, 5, Close, Close, Snapshot { sk_err: 103, ..Default::default() }),
             ],
         );
         t.flush(&mut decided);
@@ -595,10 +552,7 @@ mod tests {
                     FinWait2,
                     Close,
                     Snapshot {
-                        flags: crate::tcp::SockFlags {
-                            dead: true,
-                            ..Default::default()
-                        },
+                        flags: crate::tcp::SockFlags { dead: true, ..Default::default() },
                         shutdown: 3,
                         ..Default::default()
                     },
@@ -611,9 +565,6 @@ mod tests {
         assert_eq!(closed.role, Role::Unknown);
         assert_eq!(closed.port, 80);
         assert_eq!(closed.duration_ns, None);
-        assert_eq!(
-            (closed.verdict.class(), closed.verdict.cause),
-            (Class::Fin, Cause::Active)
-        );
+        assert_eq!((closed.verdict.class(), closed.verdict.cause), (Class::Fin, Cause::Active));
     }
 }

@@ -27,21 +27,20 @@ pub fn binary() -> PathBuf {
     let path = std::env::var_os("OBSERVER_BIN")
         .map(PathBuf::from)
         .expect("OBSERVER_BIN is not set: run the integration tests with `cargo xtask test`");
-    assert!(
-        path.exists(),
-        "OBSERVER_BIN={} does not exist",
-        path.display()
-    );
+    assert!(path.exists(), "OBSERVER_BIN={} does not exist", path.display());
     path
+}
+
+/// One HTTP client for the run: it keeps its connection to the daemon open, so polling
+/// does not add a TCP connection (and a verdict) per request.
+fn http_agent() -> &'static ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT.get_or_init(ureq::Agent::new_with_defaults)
 }
 
 /// A free TCP port on the host's loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct Daemon {
@@ -67,17 +66,18 @@ fn start() -> Daemon {
     std::thread::spawn(move || {
         let log_file = File::create(&log_path).expect("daemon log");
         let mut command = Command::new(binary);
-        command
-            .args([
-                "--web.listen-address",
-                &format!("127.0.0.1:{port}"),
-                "--connections.max-recent",
-                "100000",
-                "--log.level",
-                "info",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log_file);
+        command.args([
+            "--web.listen-address",
+            &format!("127.0.0.1:{port}"),
+            "--connections.max-recent",
+            "100000",
+            "--log.level",
+            "info",
+        ]);
+        if let Some(events) = crate::record::events_file() {
+            command.arg("--debug.events-file").arg(events);
+        }
+        command.stdout(Stdio::null()).stderr(log_file);
         // SAFETY: prctl is async-signal-safe.
         unsafe {
             command.pre_exec(|| {
@@ -92,21 +92,11 @@ fn start() -> Daemon {
         eprintln!("observer daemon exited: {status:?}");
     });
     let pid = receiver.recv().unwrap();
-    let daemon = Daemon {
-        base_url: format!("http://127.0.0.1:{port}"),
-        log,
-        pid,
-    };
+    let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
     let ready = wait_until(Duration::from_secs(30), || {
-        ureq::get(&format!("{}/healthz", daemon.base_url))
-            .call()
-            .is_ok()
+        ureq::get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
     });
-    assert!(
-        ready,
-        "observer did not become healthy:\n{}",
-        daemon.log_tail()
-    );
+    assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
     daemon
 }
 
@@ -155,7 +145,8 @@ impl Connection {
 
 impl Daemon {
     pub fn get(&self, path: &str) -> String {
-        ureq::get(&format!("{}{path}", self.base_url))
+        http_agent()
+            .get(&format!("{}{path}", self.base_url))
             .call()
             .unwrap_or_else(|error| panic!("GET {path}: {error}\n{}", self.log_tail()))
             .body_mut()

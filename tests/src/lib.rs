@@ -8,6 +8,7 @@
 
 pub mod daemon;
 pub mod net;
+pub mod record;
 pub mod sock;
 
 #[cfg(test)]

@@ -64,12 +64,7 @@ impl Namespace {
         let first_seq = crate::daemon::daemon().last_seq();
         let created_at = std::time::SystemTime::now();
         let handle = File::open(format!("/run/netns/{name}")).expect("open the namespace");
-        let namespace = Self {
-            name,
-            handle,
-            first_seq,
-            created_at,
-        };
+        let namespace = Self { name, handle, first_seq, created_at };
         namespace.ip(&["link", "set", "lo", "up"]);
         namespace
     }
@@ -137,9 +132,7 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -149,10 +142,7 @@ pub struct Counters(HashMap<String, i64>);
 
 impl Counters {
     pub fn get(&self, name: &str) -> i64 {
-        *self
-            .0
-            .get(name)
-            .unwrap_or_else(|| panic!("nstat has no counter {name}"))
+        *self.0.get(name).unwrap_or_else(|| panic!("nstat has no counter {name}"))
     }
 
     /// How much `name` grew from `self` to `later`.
@@ -169,15 +159,22 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 pub struct Pair {
     pub client: Namespace,
     pub server: Namespace,
+    /// CLOCK_MONOTONIC at creation, for recording fixtures.
+    created_ns: u64,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            crate::record::save(&[&self.client, &self.server], self.created_ns);
+        }
+    }
 }
 
 impl Pair {
     pub fn new() -> Self {
-        let id = format!(
-            "obs{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let created_ns = crate::record::monotonic_ns();
+        let id = format!("obs{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let client = Namespace::create(format!("{id}-c"));
         let server = Namespace::create(format!("{id}-s"));
         client.ip(&[
@@ -196,11 +193,10 @@ impl Pair {
             "netns",
             server.name(),
         ]);
-        let pair = Self { client, server };
-        for (namespace, v4, v6) in [
-            (&pair.client, CLIENT_V4, CLIENT_V6),
-            (&pair.server, SERVER_V4, SERVER_V6),
-        ] {
+        let pair = Self { client, server, created_ns };
+        for (namespace, v4, v6) in
+            [(&pair.client, CLIENT_V4, CLIENT_V6), (&pair.server, SERVER_V4, SERVER_V6)]
+        {
             namespace.ip(&["addr", "add", &format!("{v4}/24"), "dev", DEVICE]);
             namespace.ip(&["addr", "add", &format!("{v6}/64"), "dev", DEVICE, "nodad"]);
             namespace.ip(&["link", "set", DEVICE, "up"]);
@@ -240,14 +236,7 @@ impl Pair {
     /// Plugs the cable back in.
     pub fn mend_cable(&self) {
         self.server.ip(&["link", "set", DEVICE, "up"]);
-        self.server.ip(&[
-            "addr",
-            "replace",
-            &format!("{SERVER_V6}/64"),
-            "dev",
-            DEVICE,
-            "nodad",
-        ]);
+        self.server.ip(&["addr", "replace", &format!("{SERVER_V6}/64"), "dev", DEVICE, "nodad"]);
         self.point_neighbours(CLIENT_MAC, SERVER_MAC);
     }
 
@@ -262,18 +251,13 @@ impl Pair {
     }
 
     pub fn listen(&self, port: u16) -> TcpListener {
-        self.server
-            .enter(|| TcpListener::bind((SERVER_V4, port)))
-            .expect("listen")
+        self.server.enter(|| TcpListener::bind((SERVER_V4, port))).expect("listen")
     }
 
     /// An established IPv4 connection: (client's stream, server's accepted stream).
     pub fn connect(&self, port: u16) -> (TcpStream, TcpStream) {
         let listener = self.listen(port);
-        let client = self
-            .client
-            .enter(|| TcpStream::connect((SERVER_V4, port)))
-            .expect("connect");
+        let client = self.client.enter(|| TcpStream::connect((SERVER_V4, port))).expect("connect");
         let (server, _) = listener.accept().expect("accept");
         (client, server)
     }

@@ -15,9 +15,7 @@ use socket2::{SockRef, TcpKeepalive};
 
 /// `SO_LINGER {1, 0}`: close() sends RST instead of FIN.
 pub fn set_linger_zero(stream: &TcpStream) {
-    SockRef::from(stream)
-        .set_linger(Some(Duration::ZERO))
-        .expect("SO_LINGER");
+    SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
 }
 
 /// Keepalive after 1 s idle, probes every 1 s, give up after 2.
@@ -26,15 +24,11 @@ pub fn set_fast_keepalive(stream: &TcpStream) {
         .with_time(Duration::from_secs(1))
         .with_interval(Duration::from_secs(1))
         .with_retries(2);
-    SockRef::from(stream)
-        .set_tcp_keepalive(&keepalive)
-        .expect("keepalive");
+    SockRef::from(stream).set_tcp_keepalive(&keepalive).expect("keepalive");
 }
 
 pub fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
-    SockRef::from(stream)
-        .set_tcp_user_timeout(Some(timeout))
-        .expect("TCP_USER_TIMEOUT");
+    SockRef::from(stream).set_tcp_user_timeout(Some(timeout)).expect("TCP_USER_TIMEOUT");
 }
 
 fn set_int(stream: &TcpStream, level: i32, option: i32, value: i32) {
@@ -48,12 +42,7 @@ fn set_int(stream: &TcpStream, level: i32, option: i32, value: i32) {
             size_of::<i32>() as libc::socklen_t,
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt({level}, {option}): {}",
-        io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "setsockopt({level}, {option}): {}", io::Error::last_os_error());
 }
 
 /// TCP_LINGER2: negative aborts FIN_WAIT2 at close.
@@ -62,9 +51,7 @@ pub fn set_linger2(stream: &TcpStream, seconds: i32) {
 }
 
 pub fn set_receive_buffer(stream: &TcpStream, bytes: usize) {
-    SockRef::from(stream)
-        .set_recv_buffer_size(bytes)
-        .expect("SO_RCVBUF");
+    SockRef::from(stream).set_recv_buffer_size(bytes).expect("SO_RCVBUF");
 }
 
 /// The kernel's TCP state of the socket (TCP_INFO `tcpi_state`), e.g. 5 = FIN_WAIT2.
@@ -99,17 +86,11 @@ pub fn unread_bytes(stream: &TcpStream) -> usize {
 
 /// `connect()` with AF_UNSPEC: disconnects a connected socket (RST to the peer).
 pub fn disconnect(stream: &TcpStream) {
-    let address = libc::sockaddr {
-        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-        sa_data: [0; 14],
-    };
+    let address =
+        libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
     // SAFETY: valid descriptor and address.
     let rc = unsafe {
-        libc::connect(
-            stream.as_raw_fd(),
-            &address,
-            size_of::<libc::sockaddr>() as libc::socklen_t,
-        )
+        libc::connect(stream.as_raw_fd(), &address, size_of::<libc::sockaddr>() as libc::socklen_t)
     };
     assert_eq!(rc, 0, "connect(AF_UNSPEC): {}", io::Error::last_os_error());
 }
@@ -152,7 +133,5 @@ pub fn stream_from(socket: socket2::Socket) -> TcpStream {
 
 /// SO_RCVBUF on a listener, inherited by the sockets it accepts (sets their window).
 pub fn set_receive_buffer_listener(listener: &std::net::TcpListener, bytes: usize) {
-    SockRef::from(listener)
-        .set_recv_buffer_size(bytes)
-        .expect("SO_RCVBUF");
+    SockRef::from(listener).set_recv_buffer_size(bytes).expect("SO_RCVBUF");
 }

@@ -32,21 +32,14 @@ fn barrier(pair: &Pair) {
     drop(server);
     drop(listener);
     let judged = wait_until(crate::daemon::VERDICT_TIMEOUT, || {
-        daemon()
-            .connections(&pair.client)
-            .iter()
-            .any(|c| c.port == BARRIER_PORT)
+        daemon().connections(&pair.client).iter().any(|c| c.port == BARRIER_PORT)
     });
     assert!(judged, "barrier connection never judged");
 }
 
 /// Verdicts in `namespace` other than the barrier connections.
 fn verdicts_besides_barrier(namespace: &Namespace) -> Vec<Connection> {
-    daemon()
-        .connections(namespace)
-        .into_iter()
-        .filter(|c| c.port != BARRIER_PORT)
-        .collect()
+    daemon().connections(namespace).into_iter().filter(|c| c.port != BARRIER_PORT).collect()
 }
 
 /// Asserts a verdict (class, cause) and the role it was seen from.
@@ -67,25 +60,15 @@ struct Mib<'a> {
 
 impl<'a> Mib<'a> {
     fn snapshot(namespace: &'a Namespace) -> Self {
-        Self {
-            namespace,
-            before: namespace.counters(),
-        }
+        Self { namespace, before: namespace.counters() }
     }
 
     /// Asserts how much each counter grew since the snapshot.
     #[track_caller]
     fn assert_deltas(&self, expected: &[(&str, i64)]) {
         let after = self.namespace.counters();
-        let actual: Vec<(&str, i64)> = expected
-            .iter()
-            .map(|(name, _)| (*name, self.before.delta(&after, name)))
-            .collect();
-        assert_eq!(
-            actual,
-            expected,
-            "nstat deltas in {}",
-            self.namespace.name()
-        );
+        let actual: Vec<(&str, i64)> =
+            expected.iter().map(|(name, _)| (*name, self.before.delta(&after, name))).collect();
+        assert_eq!(actual, expected, "nstat deltas in {}", self.namespace.name());
     }
 }

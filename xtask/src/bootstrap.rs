@@ -92,9 +92,7 @@ pub fn test_tools() -> anyhow::Result<()> {
 
 fn llvm_major(toolchain: &str) -> Option<String> {
     let version = output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
-    let llvm = version
-        .lines()
-        .find_map(|line| line.strip_prefix("LLVM version: "))?;
+    let llvm = version.lines().find_map(|line| line.strip_prefix("LLVM version: "))?;
     llvm.split('.').next().map(str::to_string)
 }
 

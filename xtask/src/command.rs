@@ -9,9 +9,7 @@ use anyhow::{Context as _, bail};
 
 /// Runs `command`, inheriting stdio; fails if it does not exit successfully.
 pub fn exec(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("failed to start {command:?}"))?;
+    let status = command.status().with_context(|| format!("failed to start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");
     }
@@ -21,10 +19,7 @@ pub fn exec(command: &mut Command) -> anyhow::Result<()> {
 /// Runs `command` and returns its stdout if it succeeds, None if it fails or is missing.
 pub fn output(command: &mut Command) -> Option<String> {
     let output = command.stderr(Stdio::null()).output().ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The workspace root (xtask lives one level below it).

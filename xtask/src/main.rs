@@ -5,10 +5,14 @@
 //! * `cargo xtask test`: set up the toolchain and test tools, check formatting and
 //!   lints, run the unit tests, then the integration scenarios as root.
 //!
-//! Both start with [`bootstrap`], which installs only what is missing and says so.
+//! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
+//!   for the classifier's replay tests.
+//!
+//! All start with [`bootstrap`], which installs only what is missing and says so.
 
 mod bootstrap;
 mod command;
+mod record;
 mod run;
 mod test;
 
@@ -29,6 +33,9 @@ enum Command {
     Run(run::Options),
     /// Lint, unit-test, and run the integration scenarios (needs root).
     Test(test::Options),
+    /// Rerun the integration scenarios, saving their kernel events as replay fixtures
+    /// under observer/tests/streams/<kernel release>/ (needs root).
+    Record,
 }
 
 fn main() -> ExitCode {
@@ -36,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
+        Command::Record => record::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

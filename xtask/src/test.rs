@@ -27,11 +27,7 @@ pub struct Options {
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
-    let Options {
-        no_lint,
-        unit_only,
-        harness_args,
-    } = options;
+    let Options { no_lint, unit_only, harness_args } = options;
     let tools = bootstrap::build_tools()?;
     if !unit_only {
         if !is_root() {
@@ -66,23 +62,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         println!("xtask: cargo clippy (eBPF programs, for bpfel-unknown-none)");
         exec(
             Command::new("rustup")
-                .args([
-                    "run",
-                    &tools.bpf_toolchain,
-                    "cargo",
-                    "clippy",
-                    "--quiet",
-                    "--release",
-                ])
+                .args(["run", &tools.bpf_toolchain, "cargo", "clippy", "--quiet", "--release"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .arg("--target-dir")
                 .arg(target_dir().join("ebpf-clippy"))
                 .args(["--", "-D", "warnings"])
                 .current_dir(workspace_root().join("observer-ebpf"))
-                .env(
-                    "CARGO_ENCODED_RUSTFLAGS",
-                    "--cfg=bpf_target_arch=\"x86_64\"",
-                )
+                .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"")
                 .env_remove("RUSTC")
                 .env_remove("RUSTC_WORKSPACE_WRAPPER"),
         )?;
@@ -90,32 +76,37 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
     println!("xtask: unit tests");
     let mut unit = cargo();
-    unit.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "observer-ebpf",
-        "--exclude",
-        "observer-tests",
-    ]);
+    unit.args(["test", "--workspace", "--exclude", "observer-ebpf", "--exclude", "observer-tests"]);
     with_toolchain(&mut unit);
     exec(&mut unit)?;
     if unit_only {
         return Ok(());
     }
 
-    println!("xtask: building the daemon for the integration tests");
-    let mut build = cargo();
-    build.args(["build", "--release", "--package", "observer"]);
-    with_toolchain(&mut build);
-    exec(&mut build)?;
-
     println!("xtask: integration scenarios (real kernel, network namespaces)");
-    let mut integration = cargo();
-    integration
-        .args(["test", "--release", "--package", "observer-tests", "--"])
-        .args(&harness_args)
-        .env("OBSERVER_BIN", target_dir().join("release/observer"));
-    with_toolchain(&mut integration);
-    exec(&mut integration)
+    integration(&tools.bpf_toolchain, &harness_args, None)
+}
+
+/// Builds the daemon and runs the integration scenarios, one at a time (they share the
+/// daemon, and some check host-wide gauges).
+pub fn integration(
+    bpf_toolchain: &str,
+    harness_args: &[String],
+    record_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    exec(
+        cargo()
+            .args(["build", "--release", "--package", "observer"])
+            .env("OBSERVER_BPF_TOOLCHAIN", bpf_toolchain),
+    )?;
+    let mut command = cargo();
+    command
+        .args(["test", "--release", "--package", "observer-tests", "--", "--test-threads=1"])
+        .args(harness_args)
+        .env("OBSERVER_BIN", target_dir().join("release/observer"))
+        .env("OBSERVER_BPF_TOOLCHAIN", bpf_toolchain);
+    if let Some(dir) = record_dir {
+        command.env("OBSERVER_RECORD_DIR", dir);
+    }
+    exec(&mut command)
 }

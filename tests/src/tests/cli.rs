@@ -19,54 +19,35 @@ use crate::{
 
 fn stderr_line(output: &Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "expected one line on stderr, got:\n{stderr}"
-    );
+    assert_eq!(stderr.lines().count(), 1, "expected one line on stderr, got:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
 }
 
 #[test]
 fn explains_missing_privileges() {
-    let output = Command::new(binary())
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let output = Command::new(binary()).uid(65534).gid(65534).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     let message = stderr_line(&output);
-    assert!(
-        message.contains("CAP_BPF") && message.contains("CAP_PERFMON"),
-        "{message}"
-    );
+    assert!(message.contains("CAP_BPF") && message.contains("CAP_PERFMON"), "{message}");
 }
 
 #[test]
 fn explains_an_address_in_use() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
-    let output = Command::new(binary())
-        .args(["--web.listen-address", &address])
-        .output()
-        .unwrap();
+    let output = Command::new(binary()).args(["--web.listen-address", &address]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let message = stderr_line(&output);
-    assert!(
-        message.contains(&format!("cannot listen on {address}")),
-        "{message}"
-    );
+    assert!(message.contains(&format!("cannot listen on {address}")), "{message}");
     assert!(message.to_lowercase().contains("in use"), "{message}");
 }
 
 #[test]
 fn rejects_bad_flags() {
-    for args in [
-        &["--no-such-flag"][..],
-        &["--web.listen-address", "nowhere"],
-        &["watch", "--port", "x"],
-    ] {
+    for args in
+        [&["--no-such-flag"][..], &["--web.listen-address", "nowhere"], &["watch", "--port", "x"]]
+    {
         let output = Command::new(binary()).args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -87,10 +68,7 @@ fn watch_prints_verdicts() {
     let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     // It says on stderr when its programs are attached.
     let mut log = BufReader::new(watch.stderr.take().unwrap()).lines();
-    let attached = log
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|line| line.contains("attached"));
+    let attached = log.by_ref().map_while(Result::ok).any(|line| line.contains("attached"));
     assert!(attached, "watch never reported being attached");
     let pair = Pair::new();
     let (client, server) = pair.connect(7601);
@@ -112,14 +90,8 @@ fn watch_prints_verdicts() {
     let status = watch.wait().unwrap();
     let seen = reader.join().unwrap();
     assert!(status.success(), "watch exited with {status}");
-    let client = seen
-        .iter()
-        .find(|c| c.role == "client")
-        .expect("client verdict");
-    let server = seen
-        .iter()
-        .find(|c| c.role == "server")
-        .expect("server verdict");
+    let client = seen.iter().find(|c| c.role == "client").expect("client verdict");
+    let server = seen.iter().find(|c| c.role == "server").expect("server verdict");
     assert_verdict(client, "client", "rst", "linger_zero");
     assert_verdict(server, "server", "rst", "received");
 }

@@ -27,22 +27,14 @@ fn promtool_accepts_the_exposition() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(exposition.as_bytes())
-        .unwrap();
+    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
     let output = promtool.wait_with_output().unwrap();
     let complaints = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        output.status.success() && complaints.trim().is_empty(),
-        "promtool: {complaints}"
-    );
+    assert!(output.status.success() && complaints.trim().is_empty(), "promtool: {complaints}");
     for name in [
         "observer_tcp_closes_total",
         "observer_tcp_transitions_total",
@@ -95,20 +87,13 @@ impl Prometheus {
         let port = free_port();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("log")).unwrap())
             .spawn()
             .expect("prometheus (Debian package prometheus)");
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            _data: data,
-        }
+        Self { child, url: format!("http://127.0.0.1:{port}"), _data: data }
     }
 
     /// The value of an instant query returning one series, if it does yet.

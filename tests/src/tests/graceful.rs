@@ -17,11 +17,7 @@ fn active_close() {
     // The server holds its end until the client's close is final: no FIN crossing.
     let client_verdict = daemon().verdict(&pair.client);
     assert_verdict(&client_verdict, "client", "fin", "active");
-    assert_eq!(
-        client_verdict.detail.as_deref(),
-        Some("fin_wait2"),
-        "peer FIN not yet seen"
-    );
+    assert_eq!(client_verdict.detail.as_deref(), Some("fin_wait2"), "peer FIN not yet seen");
     drop(server);
     assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
     client_mib.assert_deltas(&NO_RESETS);
@@ -76,10 +72,7 @@ fn simultaneous_close() {
     for (namespace, role) in [(&pair.client, "client"), (&pair.server, "server")] {
         let verdict = daemon().verdict(namespace);
         assert_verdict(&verdict, role, "fin", "simultaneous");
-        assert!(
-            verdict.states.contains(&"closing".to_string()),
-            "{verdict:#?}"
-        );
+        assert!(verdict.states.contains(&"closing".to_string()), "{verdict:#?}");
     }
 }
 

@@ -20,16 +20,9 @@ fn unread_data() {
     let server_mib = Mib::snapshot(&pair.server);
     let (client, server) = pair.connect(7101);
     (&client).write_all(&[7; 100]).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || sock::unread_bytes(
-        &server
-    ) == 100));
+    assert!(wait_until(Duration::from_secs(5), || sock::unread_bytes(&server) == 100));
     drop(server);
-    assert_verdict(
-        &daemon().verdict(&pair.server),
-        "server",
-        "rst",
-        "unread_data",
-    );
+    assert_verdict(&daemon().verdict(&pair.server), "server", "rst", "unread_data");
     assert_verdict(&daemon().verdict(&pair.client), "client", "rst", "received");
     server_mib.assert_deltas(&[("TcpExtTCPAbortOnClose", 1), ("TcpOutRsts", 1)]);
 }
@@ -41,12 +34,7 @@ fn linger_zero() {
     let (client, server) = pair.connect(7102);
     sock::set_linger_zero(&client);
     drop(client);
-    assert_verdict(
-        &daemon().verdict(&pair.client),
-        "client",
-        "rst",
-        "linger_zero",
-    );
+    assert_verdict(&daemon().verdict(&pair.client), "client", "rst", "linger_zero");
     let server_verdict = daemon().verdict(&pair.server);
     assert_verdict(&server_verdict, "server", "rst", "received");
     assert_eq!(server_verdict.sk_err, libc::ECONNRESET);
@@ -67,18 +55,11 @@ fn write_after_peer_closed() {
     let (client, server) = pair.connect(7103);
     drop(server);
     assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "active");
-    assert!(wait_until(Duration::from_secs(5), || sock::tcp_state(
-        &client
-    )
-        == sock::TCP_CLOSE_WAIT));
+    assert!(wait_until(Duration::from_secs(5), || sock::tcp_state(&client) == sock::TCP_CLOSE_WAIT));
     (&client).write_all(b"too late").unwrap();
     let client_verdict = daemon().verdict(&pair.client);
     assert_verdict(&client_verdict, "client", "rst", "received");
-    assert_eq!(
-        client_verdict.sk_err,
-        libc::EPIPE,
-        "RST in CLOSE_WAIT reports EPIPE"
-    );
+    assert_eq!(client_verdict.sk_err, libc::EPIPE, "RST in CLOSE_WAIT reports EPIPE");
     client_mib.assert_deltas(&[("TcpEstabResets", 1)]);
 }
 
@@ -86,10 +67,7 @@ fn write_after_peer_closed() {
 fn connection_refused() {
     let pair = Pair::new();
     let (client_mib, server_mib) = (Mib::snapshot(&pair.client), Mib::snapshot(&pair.server));
-    let error = pair
-        .client
-        .enter(|| TcpStream::connect(Pair::server_addr(7104)))
-        .unwrap_err();
+    let error = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7104))).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     let verdict = daemon().verdict(&pair.client);
     assert_verdict(&verdict, "client", "rst", "refused");
@@ -106,10 +84,7 @@ fn listener_closed() {
     let pair = Pair::new();
     let server_mib = Mib::snapshot(&pair.server);
     let listener = pair.listen(7105);
-    let client = pair
-        .client
-        .enter(|| TcpStream::connect(Pair::server_addr(7105)))
-        .unwrap();
+    let client = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7105))).unwrap();
     drop(listener);
     let server_verdict = daemon().verdict(&pair.server);
     assert_verdict(&server_verdict, "server", "rst", "listener_closed");
@@ -125,12 +100,7 @@ fn disconnect() {
     let client_mib = Mib::snapshot(&pair.client);
     let (client, server) = pair.connect(7106);
     sock::disconnect(&client);
-    assert_verdict(
-        &daemon().verdict(&pair.client),
-        "client",
-        "rst",
-        "disconnect",
-    );
+    assert_verdict(&daemon().verdict(&pair.client), "client", "rst", "disconnect");
     assert_verdict(&daemon().verdict(&pair.server), "server", "rst", "received");
     client_mib.assert_deltas(&[("TcpOutRsts", 1), ("TcpExtTCPAbortOnData", 0)]);
     drop((client, server));
@@ -144,10 +114,7 @@ fn linger2() {
     let (client, server) = pair.connect(7107);
     sock::set_linger2(&client, -1);
     client.shutdown(Shutdown::Write).unwrap();
-    assert!(wait_until(Duration::from_secs(5), || sock::tcp_state(
-        &client
-    )
-        == sock::TCP_FIN_WAIT2));
+    assert!(wait_until(Duration::from_secs(5), || sock::tcp_state(&client) == sock::TCP_FIN_WAIT2));
     drop(client);
     assert_verdict(&daemon().verdict(&pair.client), "client", "rst", "linger2");
     assert_verdict(&daemon().verdict(&pair.server), "server", "rst", "received");
@@ -168,12 +135,7 @@ fn data_after_close() {
     (&client).write_all(b"late request").unwrap();
     drop(server);
     pair.heal();
-    assert_verdict(
-        &daemon().verdict(&pair.server),
-        "server",
-        "rst",
-        "data_after_close",
-    );
+    assert_verdict(&daemon().verdict(&pair.server), "server", "rst", "data_after_close");
     assert_verdict(&daemon().verdict(&pair.client), "client", "rst", "received");
     server_mib.assert_deltas(&[("TcpExtTCPAbortOnData", 1)]);
     drop(client);
@@ -191,9 +153,7 @@ fn server_restart() {
     let mut holder = sock::give_to_process(server);
     holder.kill().unwrap();
     holder.wait().unwrap();
-    let old_server = daemon()
-        .verdicts_within(&pair.server, 1, Duration::from_secs(30))
-        .remove(0);
+    let old_server = daemon().verdicts_within(&pair.server, 1, Duration::from_secs(30)).remove(0);
     assert_eq!(old_server.class, "timeout", "{old_server:#?}");
     // The new server process listens on the same port; the cable comes back.
     let listener = pair.listen(7109);

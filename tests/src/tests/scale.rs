@@ -51,11 +51,7 @@ fn burst_of_1000_connections() {
     let count = |role: &str, cause: &str| {
         daemon().metric_sum(
             "observer_tcp_closes_total",
-            &[
-                ("port", &PORT.to_string()),
-                ("role", role),
-                ("cause", cause),
-            ],
+            &[("port", &PORT.to_string()), ("role", role), ("cause", cause)],
         ) as usize
     };
     let all_counted = wait_until(Duration::from_secs(30), || {
@@ -68,19 +64,12 @@ fn burst_of_1000_connections() {
         count("client", "active"),
         count("server", "passive")
     );
-    assert_eq!(
-        total as usize,
-        2 * CONNECTIONS,
-        "no other verdict on the port"
-    );
+    assert_eq!(total as usize, 2 * CONNECTIONS, "no other verdict on the port");
     client_mib.assert_deltas(&[("TcpActiveOpens", CONNECTIONS as i64)]);
     server_mib.assert_deltas(&[("TcpPassiveOpens", CONNECTIONS as i64)]);
     let lost = daemon().metric_sum("observer_events_lost_total", &[]) - lost_before;
     let events = daemon().metric_sum("observer_events_total", &[]) - events_before;
     eprintln!("burst: {CONNECTIONS} connections in {elapsed:?}, {events} events, {lost} lost");
     assert_eq!(lost, 0.0, "events lost during the burst");
-    assert!(
-        events >= (10 * CONNECTIONS) as f64,
-        "at least 5 transitions per endpoint"
-    );
+    assert!(events >= (10 * CONNECTIONS) as f64, "at least 5 transitions per endpoint");
 }

@@ -27,14 +27,8 @@ fn keepalive_timeout() {
     assert_eq!(verdict.sk_err, libc::ETIMEDOUT);
     assert_eq!(verdict.port, 7201);
     let after = pair.client.counters();
-    assert_eq!(
-        client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"),
-        1
-    );
-    assert!(
-        client_mib.before.delta(&after, "TcpExtTCPKeepAlive") >= 2,
-        "keepalive probes sent"
-    );
+    assert_eq!(client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"), 1);
+    assert!(client_mib.before.delta(&after, "TcpExtTCPKeepAlive") >= 2, "keepalive probes sent");
 
     // The connection without keepalive is still established, with no verdict.
     pair.mend_cable();
@@ -58,10 +52,7 @@ fn retransmission_timeout() {
     assert_verdict(&verdict, "client", "timeout", "retransmit");
     assert_eq!(verdict.sk_err, libc::ETIMEDOUT);
     let after = pair.client.counters();
-    assert_eq!(
-        client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"),
-        1
-    );
+    assert_eq!(client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"), 1);
     assert!(client_mib.before.delta(&after, "TcpRetransSegs") >= 3);
     drop((client, server));
 }
@@ -73,10 +64,7 @@ fn syn_timeout() {
     pair.client.sysctl("net.ipv4.tcp_syn_retries", "1");
     let client_mib = Mib::snapshot(&pair.client);
     pair.cut_cable();
-    let error = pair
-        .client
-        .enter(|| TcpStream::connect(Pair::server_addr(7204)))
-        .unwrap_err();
+    let error = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7204))).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::ETIMEDOUT));
     let verdict = daemon().verdicts_within(&pair.client, 1, TIMER).remove(0);
     assert_verdict(&verdict, "client", "timeout", "syn");
@@ -90,10 +78,7 @@ fn zero_window_timeout() {
     let pair = Pair::new();
     let listener = pair.listen(7205);
     sock::set_receive_buffer_listener(&listener, 4096);
-    let client = pair
-        .client
-        .enter(|| TcpStream::connect(Pair::server_addr(7205)))
-        .unwrap();
+    let client = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7205))).unwrap();
     let (server, _) = listener.accept().unwrap();
     sock::set_user_timeout(&client, Duration::from_millis(1000));
     let client_mib = Mib::snapshot(&pair.client);
@@ -107,14 +92,8 @@ fn zero_window_timeout() {
     let verdict = daemon().verdicts_within(&pair.client, 1, TIMER).remove(0);
     assert_verdict(&verdict, "client", "timeout", "zero_window");
     let after = pair.client.counters();
-    assert_eq!(
-        client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"),
-        1
-    );
-    assert!(
-        client_mib.before.delta(&after, "TcpExtTCPWinProbe") >= 1,
-        "window probes sent"
-    );
+    assert_eq!(client_mib.before.delta(&after, "TcpExtTCPAbortOnTimeout"), 1);
+    assert!(client_mib.before.delta(&after, "TcpExtTCPWinProbe") >= 1, "window probes sent");
     drop((client, server));
 }
 
@@ -130,9 +109,8 @@ fn fin_wait2_timeout() {
     let (client, server) = pair.connect(7206);
     let client_mib = Mib::snapshot(&pair.client);
     drop(client);
-    let orphaned = wait_until(TIMER, || {
-        pair.client.socket_states("dport = :7206") == ["FIN-WAIT-2"]
-    });
+    let orphaned =
+        wait_until(TIMER, || pair.client.socket_states("dport = :7206") == ["FIN-WAIT-2"]);
     assert!(orphaned, "client never reached FIN_WAIT2");
     pair.client.sysctl("net.ipv4.tcp_fin_timeout", "30");
     let verdict = daemon().verdicts_within(&pair.client, 1, TIMER).remove(0);

@@ -20,15 +20,7 @@ fn killed_with_ss() {
     let pair = Pair::new();
     let client_mib = Mib::snapshot(&pair.client);
     let (client, server) = pair.connect(7301);
-    pair.client.exec(&[
-        "ss",
-        "-K",
-        "dst",
-        &SERVER_V4.to_string(),
-        "dport",
-        "=",
-        ":7301",
-    ]);
+    pair.client.exec(&["ss", "-K", "dst", &SERVER_V4.to_string(), "dport", "=", ":7301"]);
     let verdict = daemon().verdict(&pair.client);
     assert_verdict(&verdict, "client", "other", "killed");
     assert_eq!(verdict.sk_err, libc::ECONNABORTED);
@@ -44,10 +36,7 @@ fn cancelled_connect() {
     let _listener = pair.listen(7302);
     pair.black_hole();
     let client_mib = Mib::snapshot(&pair.client);
-    let socket = pair
-        .client
-        .enter(|| Socket::new(Domain::IPV4, Type::STREAM, None))
-        .unwrap();
+    let socket = pair.client.enter(|| Socket::new(Domain::IPV4, Type::STREAM, None)).unwrap();
     socket.set_nonblocking(true).unwrap();
     let error = socket.connect(&Pair::server_addr(7302).into()).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EINPROGRESS));
@@ -64,14 +53,10 @@ fn cancelled_connect() {
 fn unreachable_host() {
     let pair = Pair::new();
     for (key, value) in [("mcast_solicit", "1"), ("retrans_time_ms", "100")] {
-        pair.client
-            .sysctl(&format!("net.ipv4.neigh.{DEVICE}.{key}"), value);
+        pair.client.sysctl(&format!("net.ipv4.neigh.{DEVICE}.{key}"), value);
     }
     let client_mib = Mib::snapshot(&pair.client);
-    let error = pair
-        .client
-        .enter(|| TcpStream::connect((ABSENT_V4, 7303)))
-        .unwrap_err();
+    let error = pair.client.enter(|| TcpStream::connect((ABSENT_V4, 7303))).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EHOSTUNREACH));
     let verdict = daemon().verdict(&pair.client);
     assert_verdict(&verdict, "client", "other", "unreachable");
@@ -93,26 +78,15 @@ fn close_wait_leak() {
         leaked.push(client);
     }
     let risen = wait_until(Duration::from_secs(10), || gauge() >= before + LEAKS as f64);
-    assert!(
-        risen,
-        "close_wait gauge stayed at {} (before: {before})",
-        gauge()
-    );
+    assert!(risen, "close_wait gauge stayed at {} (before: {before})", gauge());
     for client in &leaked {
         assert_eq!(sock::tcp_state(client), sock::TCP_CLOSE_WAIT);
     }
     drop(leaked);
     let fallen = wait_until(Duration::from_secs(10), || gauge() <= before);
-    assert!(
-        fallen,
-        "close_wait gauge stayed at {} after closing",
-        gauge()
-    );
+    assert!(fallen, "close_wait gauge stayed at {} after closing", gauge());
     let verdicts = daemon().verdicts(&pair.client, LEAKS);
-    assert!(
-        verdicts.iter().all(|v| v.verdict() == ("fin", "passive")),
-        "{verdicts:#?}"
-    );
+    assert!(verdicts.iter().all(|v| v.verdict() == ("fin", "passive")), "{verdicts:#?}");
 }
 
 #[test]
@@ -127,10 +101,7 @@ fn ipv6() {
     assert_verdict(&client_verdict, "client", "fin", "active");
     assert_eq!(client_verdict.family, "ipv6");
     assert_eq!(client_verdict.remote, "[fd77::2]:7305");
-    assert!(
-        client_verdict.local.starts_with(&format!("[{CLIENT_V6}]:")),
-        "{client_verdict:#?}"
-    );
+    assert!(client_verdict.local.starts_with(&format!("[{CLIENT_V6}]:")), "{client_verdict:#?}");
     drop(server);
     let server_verdict = daemon().verdict(&pair.server);
     assert_verdict(&server_verdict, "server", "fin", "passive");
@@ -142,14 +113,8 @@ fn ipv6() {
 #[test]
 fn ipv4_mapped() {
     let pair = Pair::new();
-    let listener = pair
-        .server
-        .enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, 7306)))
-        .unwrap();
-    let client = pair
-        .client
-        .enter(|| TcpStream::connect(Pair::server_addr(7306)))
-        .unwrap();
+    let listener = pair.server.enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, 7306))).unwrap();
+    let client = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7306))).unwrap();
     let (server, _) = listener.accept().unwrap();
     sock::set_linger_zero(&server);
     drop(server);
