@@ -12,7 +12,8 @@
 //!
 //! Offsets into `struct sock` are not compiled in: the daemon computes them from the
 //! running kernel's BTF and patches [`CONFIG`] before loading. A record that does not fit
-//! in the ring buffer is counted in [`LOST`] and exported as `observer_events_lost_total`.
+//! in the ring buffer is counted in [`LOST`] and exported as `observer_events_lost_total`;
+//! it is also reported through aya-log, so the daemon's log says when and what.
 #![no_std]
 #![no_main]
 
@@ -28,6 +29,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use observer_common::{
     ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent, SockField,
     StateEvent,
@@ -57,6 +59,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
         count_lost();
+        warn!(&ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
         return 0;
     };
     // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
@@ -134,6 +137,7 @@ fn record_reset(
     };
     if EVENTS.output::<ResetEvent>(&event, 0).is_err() {
         count_lost();
+        warn!(ctx, "ring buffer full: reset lost");
     }
 }
 

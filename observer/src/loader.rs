@@ -31,7 +31,14 @@ pub struct Attached {
     pub events: RingBuf<MapData>,
     /// Owns the rest of the object; programs stay attached while it lives.
     pub lost: LostEvents,
+    /// Messages of the programs themselves (aya-log), forwarded to our log.
+    pub logger: Option<KernelLogger>,
 }
+
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// aya-log level of the programs: they only warn (about lost events).
+const KERNEL_LOG_LEVEL_WARN: u8 = 2;
 
 /// The kernel-side drop counters.
 pub struct LostEvents {
@@ -90,6 +97,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &layout.config, true)
+        .override_global(aya_log::LEVEL, &KERNEL_LOG_LEVEL_WARN, false)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(object)
         .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
@@ -136,7 +144,14 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
             PerCpuArray::try_from(map)
                 .map_err(|error| Error::LoadObject { reason: error.to_string() })
         })?;
-    Ok(Attached { events, lost: LostEvents { _ebpf: ebpf, ring_full, program_fds } })
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(logger),
+        Err(error) => {
+            log::warn!("eBPF programs' own log unavailable: {error}");
+            None
+        }
+    };
+    Ok(Attached { events, lost: LostEvents { _ebpf: ebpf, ring_full, program_fds }, logger })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::Error,
     event::{Decoder, SocketEvent},
-    loader::{Attached, LostEvents},
+    loader::{Attached, KernelLogger, LostEvents},
     metrics::Metrics,
     report::monotonic_ns,
     tracker::{ClosedConnection, Effect, Tracker},
@@ -67,7 +67,7 @@ impl<S: Sink> Pipeline<S> {
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
-        let Attached { events, lost } = attached;
+        let Attached { events, lost, logger } = attached;
         let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
         // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
         // descriptor stays open for as long as it is registered.
@@ -75,9 +75,24 @@ impl<S: Sink> Pipeline<S> {
             unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }.map_err(
                 |error| Error::Io { context: "cannot poll the ring buffer", source: error.into() },
             )?;
+        let mut logger = match logger {
+            // SAFETY: as above, the logger owns its ring buffer descriptor.
+            Some(logger) => unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+                .map_err(|error| {
+                    log::warn!("cannot poll the eBPF log: {}", std::io::Error::from(error))
+                })
+                .ok(),
+            None => None,
+        };
         loop {
             let wait = state.next_wake();
             tokio::select! {
+                guard = readable(&mut logger), if logger.is_some() => {
+                    if let Ok(mut guard) = guard {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(|source| Error::Io {
                         context: "cannot poll the ring buffer",
@@ -95,6 +110,16 @@ impl<S: Sink> Pipeline<S> {
         state.drain(ring.get_mut());
         state.settle(&lost, u64::MAX);
         Ok(())
+    }
+}
+
+/// Waits for the eBPF log to have messages (never resolves without a logger).
+async fn readable(
+    logger: &mut Option<AsyncFd<KernelLogger>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLogger>> {
+    match logger {
+        Some(logger) => logger.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -52,52 +52,64 @@ pub struct Daemon {
 /// The shared daemon, started on first use and killed when the test process exits.
 pub fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
-    DAEMON.get_or_init(start)
+    DAEMON.get_or_init(|| {
+        let mut args = vec!["--connections.max-recent".to_string(), "100000".to_string()];
+        if let Some(events) = crate::record::events_file() {
+            args.push("--debug.events-file".into());
+            args.push(events.display().to_string());
+        }
+        Daemon::start("shared", &args)
+    })
 }
 
-fn start() -> Daemon {
-    let port = free_port();
-    let log = std::env::temp_dir().join(format!("observer-tests-{}.log", std::process::id()));
-    let (sender, receiver) = mpsc::channel();
-    let binary = binary();
-    let log_path = log.clone();
-    // The child is told to die with its parent *thread* (PR_SET_PDEATHSIG), so it is
-    // spawned from a thread that lives as long as the test process.
-    std::thread::spawn(move || {
-        let log_file = File::create(&log_path).expect("daemon log");
-        let mut command = Command::new(binary);
-        command.args([
-            "--web.listen-address",
-            &format!("127.0.0.1:{port}"),
-            "--connections.max-recent",
-            "100000",
-            "--log.level",
-            "info",
-        ]);
-        if let Some(events) = crate::record::events_file() {
-            command.arg("--debug.events-file").arg(events);
-        }
-        command.stdout(Stdio::null()).stderr(log_file);
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child: Child = command.spawn().expect("start observer");
-        sender.send(child.id()).unwrap();
-        // Blocks for the rest of the run; if the daemon dies early, say so.
-        let status = child.wait();
-        eprintln!("observer daemon exited: {status:?}");
-    });
-    let pid = receiver.recv().unwrap();
-    let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
-    let ready = wait_until(Duration::from_secs(30), || {
-        ureq::get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
-    });
-    assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
-    daemon
+impl Daemon {
+    /// Starts an observer daemon with extra flags and waits until it is healthy.
+    pub fn start(name: &str, extra_args: &[String]) -> Daemon {
+        let port = free_port();
+        let log =
+            std::env::temp_dir().join(format!("observer-tests-{}-{name}.log", std::process::id()));
+        let (sender, receiver) = mpsc::channel();
+        let binary = binary();
+        let log_path = log.clone();
+        let mut args = vec![
+            "--web.listen-address".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--log.level".to_string(),
+            "info".to_string(),
+        ];
+        args.extend_from_slice(extra_args);
+        // The child is told to die with its parent *thread* (PR_SET_PDEATHSIG), so it is
+        // spawned from a thread that waits for it.
+        std::thread::spawn(move || {
+            let log_file = File::create(&log_path).expect("daemon log");
+            let mut command = Command::new(binary);
+            command.args(&args).stdout(Stdio::null()).stderr(log_file);
+            // SAFETY: prctl is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let mut child: Child = command.spawn().expect("start observer");
+            sender.send(child.id()).unwrap();
+            let status = child.wait();
+            eprintln!("observer daemon exited: {status:?}");
+        });
+        let pid = receiver.recv().unwrap();
+        let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
+        let ready = wait_until(Duration::from_secs(30), || {
+            http_agent().get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
+        });
+        assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
+        daemon
+    }
+
+    /// Stops a daemon started with [`Daemon::start`] (SIGTERM, as systemd would).
+    pub fn stop(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.

@@ -251,7 +251,20 @@ impl Pair {
     }
 
     pub fn listen(&self, port: u16) -> TcpListener {
-        self.server.enter(|| TcpListener::bind((SERVER_V4, port))).expect("listen")
+        self.listen_with_backlog(port, 128)
+    }
+
+    /// A listener whose accept queue holds `backlog` connections (past that the kernel
+    /// drops SYNs and final ACKs: ListenOverflows).
+    pub fn listen_with_backlog(&self, port: u16, backlog: i32) -> TcpListener {
+        let socket = self
+            .server
+            .enter(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))
+            .expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(&SocketAddr::from((SERVER_V4, port)).into()).expect("bind");
+        socket.listen(backlog).expect("listen");
+        socket.into()
     }
 
     /// An established IPv4 connection: (client's stream, server's accepted stream).
