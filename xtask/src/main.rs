@@ -10,6 +10,7 @@
 //!
 //! All start with [`bootstrap`], which installs only what is missing and says so.
 
+mod bench;
 mod bootstrap;
 mod command;
 mod record;
@@ -33,6 +34,8 @@ enum Command {
     Run(run::Options),
     /// Lint, unit-test, and run the integration scenarios (needs root).
     Test(test::Options),
+    /// Print speed and memory figures of the userspace pipeline.
+    Bench,
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
     /// under observer/tests/streams/<kernel release>/ (needs root).
     Record,
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
         Command::Record => record::run(),
+        Command::Bench => bench::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,190 @@
+//! Speed and memory of the userspace pipeline (decoded events → tracker → verdicts),
+//! on synthetic connection lifecycles shaped like the recorded kernel streams.
+//!
+//! `cargo xtask bench` (or `cargo bench -p observer --bench tracker`) prints:
+//! * throughput: events per second through `Tracker::ingest` + classification;
+//! * memory per tracked live socket (heap bytes, counted by a wrapping allocator);
+//! * heap under churn: millions of connections through a small table, a tenth of them
+//!   with their final event lost, must stay flat (bounded by the table, not the churn).
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    net::SocketAddr,
+    num::NonZeroUsize,
+    sync::atomic::{AtomicIsize, Ordering},
+    time::Instant,
+};
+
+use observer::{
+    event::{Snapshot, SocketEvent, StateChange},
+    tcp::{SockFlags, TcpState},
+    tracker::Tracker,
+};
+
+/// Counts live heap bytes.
+struct Counting;
+
+static HEAP: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator; only adds bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now =
+            HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed) + layout.size() as isize;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn heap() -> isize {
+    HEAP.load(Ordering::Relaxed)
+}
+
+fn change(socket: u64, ts: u64, old: TcpState, new: TcpState, snapshot: Snapshot) -> SocketEvent {
+    SocketEvent::State(StateChange {
+        timestamp_ns: ts,
+        socket,
+        cookie: socket,
+        netns: 4026531840,
+        old,
+        new,
+        local: SocketAddr::from(([10, 0, 0, 1], (socket % 60000) as u16 + 1024)),
+        remote: SocketAddr::from(([10, 0, 0, 2], 443)),
+        snapshot,
+    })
+}
+
+/// The five transitions of an actively closed client connection.
+fn lifecycle(socket: u64, start: u64, with_close: bool, out: &mut Vec<SocketEvent>) {
+    use TcpState::*;
+    let orphan = Snapshot {
+        shutdown: 3,
+        flags: SockFlags { dead: true, ..SockFlags::default() },
+        bytes_acked: 100,
+        bytes_received: 200,
+        ..Snapshot::default()
+    };
+    out.push(change(socket, start, Close, SynSent, Snapshot::default()));
+    out.push(change(socket, start + 1_000, SynSent, Established, Snapshot::default()));
+    out.push(change(socket, start + 2_000, Established, FinWait1, Snapshot::default()));
+    out.push(change(socket, start + 3_000, FinWait1, FinWait2, orphan));
+    if with_close {
+        out.push(change(socket, start + 3_000, FinWait2, Close, orphan));
+    }
+}
+
+fn throughput() {
+    const CONNECTIONS: u64 = 200_000;
+    let mut events = Vec::with_capacity(CONNECTIONS as usize * 5);
+    for i in 0..CONNECTIONS {
+        // Sockets are reused like slab memory: a small set of addresses.
+        lifecycle(0xffff_8880_0000_0000 + (i % 4096) * 4096, i * 10_000, true, &mut events);
+    }
+    let mut tracker = Tracker::new(NonZeroUsize::new(262_144).unwrap());
+    let mut decided = Vec::new();
+    let mut verdicts = 0usize;
+    let started = Instant::now();
+    for (index, event) in events.iter().enumerate() {
+        tracker.ingest(event, &mut decided);
+        if index % 1024 == 0 {
+            tracker.expire(event_time(event), &mut decided);
+            verdicts += decided.len();
+            black_box(decided.drain(..).count());
+        }
+    }
+    tracker.flush(&mut decided);
+    verdicts += decided.len();
+    let elapsed = started.elapsed();
+    println!(
+        "throughput: {} events, {verdicts} verdicts in {elapsed:.2?}: {:.0} ns/event, {:.2} M events/s",
+        events.len(),
+        elapsed.as_nanos() as f64 / events.len() as f64,
+        events.len() as f64 / elapsed.as_secs_f64() / 1e6
+    );
+    assert_eq!(verdicts, CONNECTIONS as usize);
+}
+
+fn event_time(event: &SocketEvent) -> u64 {
+    match event {
+        SocketEvent::State(change) => change.timestamp_ns,
+        SocketEvent::Reset(reset) => reset.timestamp_ns,
+    }
+}
+
+fn memory_per_socket() {
+    const SOCKETS: u64 = 100_000;
+    let before = heap();
+    let mut tracker = Tracker::new(NonZeroUsize::new(SOCKETS as usize).unwrap());
+    let mut decided = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..SOCKETS {
+        events.clear();
+        lifecycle(0x1000 + i * 4096, i, false, &mut events);
+        // Established and idle: the first two transitions.
+        for event in &events[..2] {
+            tracker.ingest(event, &mut decided);
+        }
+    }
+    let per_socket = (heap() - before) as f64 / SOCKETS as f64;
+    println!("memory: {SOCKETS} live established sockets tracked, {per_socket:.0} heap bytes each");
+    black_box(&tracker);
+}
+
+fn bounded_under_churn() {
+    const CAPACITY: usize = 10_000;
+    const CONNECTIONS: u64 = 2_000_000;
+    let mut tracker = Tracker::new(NonZeroUsize::new(CAPACITY).unwrap());
+    let mut decided = Vec::new();
+    let mut events = Vec::new();
+    let mut heap_at_quarter = 0;
+    let base = heap();
+    PEAK.store(base, Ordering::Relaxed);
+    for i in 0..CONNECTIONS {
+        events.clear();
+        // One connection in ten loses its final event (as when the ring overflows), so
+        // its entry is never settled by a verdict and must be evicted.
+        lifecycle(0x1000 + i * 4096, i * 1_000, i % 10 != 0, &mut events);
+        for event in &events {
+            tracker.ingest(event, &mut decided);
+        }
+        if i % 256 == 0 {
+            tracker.expire(i * 1_000, &mut decided);
+            decided.clear();
+        }
+        if i == CONNECTIONS / 4 {
+            heap_at_quarter = heap() - base;
+        }
+    }
+    let heap_at_end = heap() - base;
+    let stats = tracker.stats();
+    println!(
+        "churn: {CONNECTIONS} connections through a {CAPACITY}-socket table, 10% without a \
+         final event: heap {:.1} MiB after 1/4, {:.1} MiB at the end (peak {:.1} MiB); \
+         {} evicted undecided",
+        heap_at_quarter as f64 / 1048576.0,
+        heap_at_end as f64 / 1048576.0,
+        (PEAK.load(Ordering::Relaxed) - base) as f64 / 1048576.0,
+        stats.evicted
+    );
+    assert!(tracker.len() <= CAPACITY);
+    assert!(
+        (heap_at_end as f64) < 1.5 * heap_at_quarter as f64,
+        "heap grew with churn: {heap_at_quarter} -> {heap_at_end}"
+    );
+}
+
+fn main() {
+    throughput();
+    memory_per_socket();
+    bounded_under_churn();
+}
