@@ -13,8 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = cli.common.log_level.filter();
     env_logger::Builder::new()
-        .filter_level(cli.common.log_level.filter())
+        .filter_level(level)
+        // aya narrates every relocation at debug level; keep that for --log.level=trace.
+        .filter_module("aya", level.min(log::LevelFilter::Info))
+        .filter_module("aya_obj", level.min(log::LevelFilter::Info))
         .format_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -22,6 +22,20 @@ use crate::{
     tracker::{ClosedConnection, TrackerStats},
 };
 
+/// States a live socket can be in at the tracepoint (TIME_WAIT and NEW_SYN_RECV belong
+/// to mini-sockets it never shows).
+const LIVE_STATES: [TcpState; 9] = [
+    TcpState::Established,
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Listen,
+    TcpState::Closing,
+];
+
 /// Label value for ports beyond `--metrics.max-ports`.
 pub const OTHER_PORT: &str = "other";
 
@@ -143,7 +157,7 @@ impl Metrics {
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
 
-        for state in TcpState::ALL {
+        for state in LIVE_STATES {
             sockets.with_label_values(&[state.name()]).set(0);
         }
         for reason in ["capacity", "replaced"] {
@@ -229,7 +243,10 @@ impl Metrics {
         sync("replaced", stats.replaced);
         self.tracked.set(tracked as i64);
         for (state, count) in by_state {
-            self.sockets.with_label_values(&[state.name()]).set(count);
+            // Closed sockets are not live; other states only appear if ever used.
+            if LIVE_STATES.contains(&state) || count != 0 {
+                self.sockets.with_label_values(&[state.name()]).set(count);
+            }
         }
     }
 

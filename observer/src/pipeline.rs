@@ -104,8 +104,11 @@ impl<S: Sink> Pipeline<S> {
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => break,
             }
+            // Read the clock first: every record reserved before `now` is drained below,
+            // so windows that ended by `now` have all their evidence.
+            let now = monotonic_ns();
             state.drain(ring.get_mut());
-            state.settle(&lost, monotonic_ns());
+            state.settle(&lost, now);
         }
         state.drain(ring.get_mut());
         state.settle(&lost, u64::MAX);
