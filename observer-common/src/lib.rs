@@ -111,6 +111,10 @@ pub enum SockField {
 impl SockField {
     pub const COUNT: usize = SockField::Cookie as usize + 1;
 
+    /// The first fields, read at every transition (socket identity); the rest only at
+    /// the final one.
+    pub const IDENTITY: usize = SockField::DestinationAddr4 as usize + 1;
+
     pub const ALL: [SockField; Self::COUNT] = [
         SockField::Family,
         SockField::LocalPort,

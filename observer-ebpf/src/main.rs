@@ -7,8 +7,8 @@
 //!
 //! All three are BTF tracepoints rather than classic ones: no tracefs is needed, the
 //! arguments are the TP_PROTO arguments (no record layout to parse), and a nested run the
-//! kernel has to skip is counted in the program's `recursion_misses`, which the daemon
-//! adds to the lost count (classic tracepoint programs are skipped silently).
+//! kernel has to skip is counted in the program's `recursion_misses` (classic tracepoint
+//! programs are skipped silently) — and recorded by a standby twin (see [`as_standby`]).
 //!
 //! Offsets into `struct sock` are not compiled in: the daemon computes them from the
 //! running kernel's BTF and patches [`CONFIG`] before loading. A record that does not fit
@@ -43,36 +43,137 @@ static CONFIG: Global<ProgramConfig> = Global::new(ProgramConfig::UNSET);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Index 0: records dropped because [`EVENTS`] was full.
+/// Per CPU: [`LOST_RING_FULL`] counts records dropped because [`EVENTS`] was full;
+/// [`HANDLED_BY_STANDBY`] + tracepoint counts nested runs a standby program recorded.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 + TRACEPOINTS, 0);
+
+/// Per CPU and tracepoint: 1 while the primary program runs.
+#[map]
+static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(TRACEPOINTS, 0);
+
+const TRACEPOINTS: u32 = 3;
+const STATE: u32 = 0;
+const SEND_RESET: u32 = 1;
+const RECEIVE_RESET: u32 = 2;
+const LOST_RING_FULL: u32 = 0;
+const HANDLED_BY_STANDBY: u32 = 1;
+/// `TCP_CLOSE`, the final transition.
+const TCP_CLOSE: i32 = 7;
+
+// Nested runs. The kernel never runs a tp_btf program inside itself on one CPU: if a
+// tracepoint fires while the program is already running there (a softirq changing
+// another socket's state interrupts a close() being traced), that run is skipped and
+// only counted (`recursion_misses`). Under load this loses real transitions. So every
+// program has a standby twin attached after it: the primary marks itself BUSY while it
+// runs; the standby does nothing unless it finds the primary BUSY on its CPU, which
+// means the primary was just skipped for this event, and then records it instead.
+// The daemon counts as lost the primary's misses minus what the standbys recorded.
+
+#[inline(always)]
+fn as_primary(tracepoint: u32, record: impl FnOnce()) {
+    set_busy(tracepoint, 1);
+    record();
+    set_busy(tracepoint, 0);
+}
+
+#[inline(always)]
+fn as_standby(tracepoint: u32, record: impl FnOnce()) {
+    let busy = BUSY.get(tracepoint).copied().unwrap_or(0);
+    if busy != 0 {
+        record();
+        if let Some(handled) = LOST.get_ptr_mut(HANDLED_BY_STANDBY + tracepoint) {
+            // SAFETY: per-CPU slot of this program.
+            unsafe { *handled += 1 };
+        }
+    }
+}
+
+#[inline(always)]
+fn set_busy(tracepoint: u32, value: u32) {
+    if let Some(busy) = BUSY.get_ptr_mut(tracepoint) {
+        // SAFETY: per-CPU slot.
+        unsafe { *busy = value };
+    }
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    as_primary(STATE, || state_with_cookie(&ctx));
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_standby(ctx: BtfTracePointContext) -> i32 {
+    as_standby(STATE, || state_with_cookie(&ctx));
+    0
+}
+
+/// For kernels before 5.12, whose tracing programs cannot call `bpf_get_socket_cookie`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_no_cookie(ctx: BtfTracePointContext) -> i32 {
+    as_primary(STATE, || state_without_cookie(&ctx));
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_no_cookie_standby(ctx: BtfTracePointContext) -> i32 {
+    as_standby(STATE, || state_without_cookie(&ctx));
+    0
+}
+
+#[inline(always)]
+fn state_with_cookie(ctx: &BtfTracePointContext) {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: *mut c_void = ctx.arg(0);
+    if is_tcp(&CONFIG.load(), sk as u64) {
+        // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
+        let cookie = unsafe { bpf_get_socket_cookie(sk) };
+        record_state(ctx, sk, cookie);
+    }
+}
+
+/// The cookie read from the socket: 0 unless something generated it.
+#[inline(always)]
+fn state_without_cookie(ctx: &BtfTracePointContext) {
+    let sk: *mut c_void = ctx.arg(0);
+    let config = CONFIG.load();
+    if is_tcp(&config, sk as u64) {
+        let mut cookie = 0u64;
+        // SAFETY: fault-tolerant read into a local.
+        unsafe {
+            read_word(sk as u64, config.sock_fields[SockField::Cookie as usize], &mut cookie)
+        };
+        record_state(ctx, sk, cookie);
+    }
+}
+
+#[inline(always)]
+fn record_state(ctx: &BtfTracePointContext, sk: *mut c_void, cookie: u64) {
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
     let config = CONFIG.load();
-    if config.valid == 0 || !is_tcp(&config, sk as u64) {
-        return 0;
-    }
     let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
         count_lost();
-        warn!(&ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
-        return 0;
+        warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
+        return;
     };
-    // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
     let event: *mut StateEvent = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved record of the right size; every field is
     // written below before submit.
     unsafe {
         (*event).header = header(EventKind::State, sk as u64, cookie);
         let sock = addr_of_mut!((*event).sock).cast::<u64>();
+        // The evidence only matters at the final transition; elsewhere the identity
+        // fields suffice, and a shorter run leaves less room for nested runs.
+        let fields = if new_state == TCP_CLOSE { SockField::COUNT } else { SockField::IDENTITY };
         let mut i = 0;
         while i < SockField::COUNT {
-            read_word(sk as u64, config.sock_fields[i], sock.add(i));
+            if i < fields {
+                read_word(sk as u64, config.sock_fields[i], sock.add(i));
+            } else {
+                *sock.add(i) = 0;
+            }
             i += 1;
         }
         read_bytes(sk as u64, config.saddr_v6, addr_of_mut!((*event).saddr_v6));
@@ -83,33 +184,54 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         (*event)._pad = 0;
     }
     entry.submit(0);
-    0
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    as_primary(SEND_RESET, || reset_sent(&ctx));
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_standby(ctx: BtfTracePointContext) -> i32 {
+    as_standby(SEND_RESET, || reset_sent(&ctx));
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    as_primary(RECEIVE_RESET, || reset_received(&ctx));
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_standby(ctx: BtfTracePointContext) -> i32 {
+    as_standby(RECEIVE_RESET, || reset_received(&ctx));
+    0
+}
+
+#[inline(always)]
+fn reset_sent(ctx: &BtfTracePointContext) {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb
     //          [, const enum sk_rst_reason reason])   -- reason since 6.10
     let config = CONFIG.load();
     if config.valid != 0 {
         let reason = match config.send_reset_reason_arg {
             ABSENT => NO_REASON,
-            index => arg_value(&ctx, index as usize) as u32,
+            index => arg_value(ctx, index as usize) as u32,
         };
-        let answers_packet = arg_value(&ctx, 1) != 0;
-        record_reset(&ctx, &config, EventKind::ResetSent, reason, answers_packet);
+        let answers_packet = arg_value(ctx, 1) != 0;
+        record_reset(ctx, &config, EventKind::ResetSent, reason, answers_packet);
     }
-    0
 }
 
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+#[inline(always)]
+fn reset_received(ctx: &BtfTracePointContext) {
     // TP_PROTO(struct sock *sk)
     let config = CONFIG.load();
     if config.valid != 0 {
-        record_reset(&ctx, &config, EventKind::ResetReceived, NO_REASON, false);
+        record_reset(ctx, &config, EventKind::ResetReceived, NO_REASON, false);
     }
-    0
 }
 
 #[inline(always)]
@@ -172,9 +294,12 @@ fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
     }
 }
 
-/// `sk_protocol == IPPROTO_TCP`; it is a bit field on some kernels.
+/// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels), once configured.
 #[inline(always)]
 fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
+    if config.valid == 0 {
+        return false;
+    }
     let mut word = 0u64;
     // SAFETY: fault-tolerant read into a local.
     unsafe { read_word(sk, config.protocol.offset, &mut word) };
@@ -248,7 +373,7 @@ fn read_u8(base: u64, offset: u32) -> u32 {
 
 #[inline(always)]
 fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(0) {
+    if let Some(lost) = LOST.get_ptr_mut(LOST_RING_FULL) {
         // SAFETY: per-CPU slot; programs do not nest on one CPU for this map's users.
         unsafe { *lost += 1 };
     }

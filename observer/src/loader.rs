@@ -17,13 +17,30 @@ use aya::{
 
 use crate::{error::Error, kernel_layout::KernelLayout};
 
-/// The programs of observer-ebpf, each a tp_btf program named after its tracepoint.
-const PROGRAMS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
+/// The programs of observer-ebpf: for each tracepoint (in the order of the program's
+/// tracepoint indices), (primary, standby) pairs in order of preference; the first pair
+/// this kernel accepts is attached, primary first (see "Nested runs" in observer-ebpf).
+const PROGRAMS: [(&str, &[(&str, &str)]); 3] = [
+    (
+        "inet_sock_set_state",
+        &[
+            ("inet_sock_set_state", "inet_sock_set_state_standby"),
+            // bpf_get_socket_cookie() from tracing programs needs Linux 5.12.
+            ("inet_sock_set_state_no_cookie", "inet_sock_set_state_no_cookie_standby"),
+        ],
+    ),
+    ("tcp_send_reset", &[("tcp_send_reset", "tcp_send_reset_standby")]),
+    ("tcp_receive_reset", &[("tcp_receive_reset", "tcp_receive_reset_standby")]),
+];
 
 /// Linux capability numbers (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
+
+/// Slots of the LOST map: ring buffer full, then nested runs recorded by each standby.
+const LOST_RING_FULL: u32 = 0;
+const HANDLED_BY_STANDBY: u32 = 1;
 
 /// The attached programs and the maps the daemon reads.
 pub struct Attached {
@@ -43,19 +60,34 @@ const KERNEL_LOG_LEVEL_WARN: u8 = 2;
 /// The kernel-side drop counters.
 pub struct LostEvents {
     _ebpf: Ebpf,
-    ring_full: PerCpuArray<MapData, u64>,
-    /// Program descriptors, for `recursion_misses` in their fdinfo.
-    program_fds: Vec<RawFd>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Descriptor of each tracepoint's primary program, for its `recursion_misses`.
+    primaries: Vec<RawFd>,
+    /// The primaries' misses at the previous reading.
+    previous_misses: Vec<u64>,
 }
 
 impl LostEvents {
-    /// Events the kernel could not deliver so far: ring buffer full, plus runs the kernel
-    /// skipped because the same program was already running on that CPU.
-    pub fn total(&self) -> u64 {
-        let ring_full: u64 =
-            self.ring_full.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or_default();
-        let skipped: u64 = self.program_fds.iter().map(|fd| recursion_misses(*fd)).sum();
-        ring_full + skipped
+    /// Events the kernel could not deliver so far, as (ring buffer full, nested runs
+    /// neither program recorded).
+    ///
+    /// A skipped primary run is lost unless its standby recorded it. The standby counts
+    /// what it recorded a moment after the kernel counts the skip, so the skips are taken
+    /// from the previous reading: the result converges on the exact count one reading
+    /// later instead of briefly over-counting (the exported counter never goes down).
+    pub fn by_cause(&mut self) -> (u64, u64) {
+        let slot = |index: u32| -> u64 {
+            self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or_default()
+        };
+        let ring_full = slot(LOST_RING_FULL);
+        let mut skipped = 0;
+        for (index, fd) in self.primaries.iter().enumerate() {
+            let handled = slot(HANDLED_BY_STANDBY + index as u32);
+            let misses = self.previous_misses[index];
+            skipped += misses.saturating_sub(handled);
+            self.previous_misses[index] = recursion_misses(*fd);
+        }
+        (ring_full, skipped)
     }
 }
 
@@ -106,29 +138,30 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         path: crate::kernel_layout::VMLINUX_BTF,
         reason: error.to_string(),
     })?;
-    let mut program_fds = Vec::new();
-    for name in PROGRAMS {
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or(Error::LoadProgram { program: name, reason: "not in the object".into() })?
-            .try_into()
-            .map_err(|error: ProgramError| Error::LoadProgram {
-                program: name,
-                reason: error.to_string(),
-            })?;
-        program.load(name, &btf).map_err(|error| {
-            if let ProgramError::LoadError { verifier_log, .. } = &error {
-                log::debug!("verifier log for {name}:\n{verifier_log}");
+    let mut primaries = Vec::new();
+    for (tracepoint, candidates) in PROGRAMS {
+        let mut failure = None;
+        for (primary, standby) in candidates {
+            let attached = load_program(&mut ebpf, primary, tracepoint, &btf)
+                .and_then(|fd| load_program(&mut ebpf, standby, tracepoint, &btf).map(|_| fd));
+            match attached {
+                Ok(fd) => {
+                    if failure.is_some() {
+                        log::info!("this kernel needs the fallback program `{primary}`");
+                    }
+                    primaries.push(fd);
+                    failure = None;
+                    break;
+                }
+                Err(error) => {
+                    log::debug!("cannot use `{primary}`: {error}");
+                    failure.get_or_insert(error);
+                }
             }
-            Error::LoadProgram { program: name, reason: error_chain(&error) }
-        })?;
-        program
-            .attach()
-            .map_err(|error| Error::Attach { program: name, reason: error_chain(&error) })?;
-        let fd = program
-            .fd()
-            .map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
-        program_fds.push(fd.as_fd().as_raw_fd());
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
     }
 
     let events = ebpf
@@ -137,7 +170,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         .and_then(|map| {
             RingBuf::try_from(map).map_err(|error| Error::LoadObject { reason: error.to_string() })
         })?;
-    let ring_full = ebpf
+    let counters = ebpf
         .take_map("LOST")
         .ok_or(Error::LoadObject { reason: "map LOST missing".into() })
         .and_then(|map| {
@@ -151,7 +184,38 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
             None
         }
     };
-    Ok(Attached { events, lost: LostEvents { _ebpf: ebpf, ring_full, program_fds }, logger })
+    let previous_misses = primaries.iter().map(|fd| recursion_misses(*fd)).collect();
+    let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses };
+    Ok(Attached { events, lost, logger })
+}
+
+/// Loads and attaches one program to `tracepoint`; returns its descriptor.
+fn load_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> Result<RawFd, Error> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(Error::LoadProgram { program: name, reason: "not in the object".into() })?
+        .try_into()
+        .map_err(|error: ProgramError| Error::LoadProgram {
+            program: name,
+            reason: error.to_string(),
+        })?;
+    program.load(tracepoint, btf).map_err(|error| {
+        if let ProgramError::LoadError { verifier_log, .. } = &error {
+            log::debug!("verifier log for {name}:\n{verifier_log}");
+        }
+        Error::LoadProgram { program: name, reason: error_chain(&error) }
+    })?;
+    program
+        .attach()
+        .map_err(|error| Error::Attach { program: name, reason: error_chain(&error) })?;
+    let fd =
+        program.fd().map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
+    Ok(fd.as_fd().as_raw_fd())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising

@@ -67,7 +67,7 @@ impl<S: Sink> Pipeline<S> {
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
-        let Attached { events, lost, logger } = attached;
+        let Attached { events, mut lost, logger } = attached;
         let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
         // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
         // descriptor stays open for as long as it is registered.
@@ -108,10 +108,10 @@ impl<S: Sink> Pipeline<S> {
             // so windows that ended by `now` have all their evidence.
             let now = monotonic_ns();
             state.drain(ring.get_mut());
-            state.settle(&lost, now);
+            state.settle(&mut lost, now);
         }
         state.drain(ring.get_mut());
-        state.settle(&lost, u64::MAX);
+        state.settle(&mut lost, u64::MAX);
         Ok(())
     }
 }
@@ -174,12 +174,19 @@ impl<S: Sink> Running<S> {
     }
 
     /// Decides every socket whose evidence window ended by `now_ns`.
-    fn settle(&mut self, lost: &LostEvents, now_ns: u64) {
+    fn settle(&mut self, lost: &mut LostEvents, now_ns: u64) {
         self.tracker.expire(now_ns, &mut self.decided);
         self.publish();
         if now_ns.saturating_sub(self.lost_read_at) >= LOST_REFRESH_NS {
             self.lost_read_at = now_ns;
-            self.metrics.set_lost(lost.total());
+            let (ring_full, skipped) = lost.by_cause();
+            if ring_full + skipped > self.metrics.lost() {
+                log::warn!(
+                    "events lost so far: {ring_full} with the ring buffer full, {skipped} \
+                     skipped by the kernel as nested runs on one CPU"
+                );
+            }
+            self.metrics.set_lost(ring_full + skipped);
             self.metrics.set_tracker(
                 self.tracker.stats(),
                 self.tracker.len(),

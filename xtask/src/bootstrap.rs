@@ -90,6 +90,32 @@ pub fn test_tools() -> anyhow::Result<()> {
     apt.install(&missing, "the integration tests")
 }
 
+/// What `vm-test` drives on the host: QEMU, busybox for the guest, and the tools that
+/// unpack Debian kernel modules.
+pub fn vm_tools() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    let mut missing = Vec::new();
+    for (program, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("modinfo", "kmod"),
+        ("xz", "xz-utils"),
+        ("zstd", "zstd"),
+    ] {
+        if !on_path(program) && !missing.contains(&package) {
+            missing.push(package);
+        }
+    }
+    // A dynamically linked busybox would not run in the guest.
+    if on_path("busybox")
+        && !package_installed("busybox-static")
+        && !missing.contains(&"busybox-static")
+    {
+        missing.push("busybox-static");
+    }
+    apt.install(&missing, "vm-test")
+}
+
 fn llvm_major(toolchain: &str) -> Option<String> {
     let version = output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
     let llvm = version.lines().find_map(|line| line.strip_prefix("LLVM version: "))?;

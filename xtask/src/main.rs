@@ -5,6 +5,8 @@
 //! * `cargo xtask test`: set up the toolchain and test tools, check formatting and
 //!   lints, run the unit tests, then the integration scenarios as root.
 //!
+//! * `cargo xtask vm-test [--kernel 5.10,6.1,6.12|all|PATH]`: the same scenarios inside
+//!   QEMU guests running other kernels.
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
 //!
@@ -16,6 +18,7 @@ mod command;
 mod record;
 mod run;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -34,6 +37,8 @@ enum Command {
     Run(run::Options),
     /// Lint, unit-test, and run the integration scenarios (needs root).
     Test(test::Options),
+    /// Run the integration scenarios in QEMU guests booting other kernels.
+    VmTest(vm::Options),
     /// Print speed and memory figures of the userspace pipeline.
     Bench,
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         Command::Test(options) => test::run(options),
         Command::Record => record::run(),
         Command::Bench => bench::run(),
+        Command::VmTest(options) => vm::run(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

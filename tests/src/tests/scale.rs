@@ -68,9 +68,13 @@ fn burst_of_1000_connections() {
     let total = daemon().metric_sum("observer_tcp_closes_total", &[("port", &PORT.to_string())]);
     assert!(
         all_counted,
-        "client active: {}, server passive: {}, all verdicts on the port: {total}",
+        "client active: {}, server passive: {}, all verdicts on the port: {total}; \
+         events lost: {}, sockets dropped: {}\ndaemon log:\n{}",
         count("client", "active"),
-        count("server", "passive")
+        count("server", "passive"),
+        daemon().metric_sum("observer_events_lost_total", &[]) - lost_before,
+        daemon().metric_sum("observer_tracker_dropped_sockets_total", &[]),
+        daemon().log_tail(),
     );
     assert_eq!(
         total as usize,

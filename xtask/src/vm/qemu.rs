@@ -1,0 +1,125 @@
+//! Boots a guest under QEMU (TCG: KVM does not work on these build machines) and follows
+//! its serial console until the result line, a kernel panic, QEMU's exit or the timeout.
+
+use std::{
+    io::{BufRead as _, BufReader, Read},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+/// What a guest run produced.
+pub struct Outcome {
+    /// `uname -r` as the guest reported it.
+    pub release: Option<String>,
+    pub passed: usize,
+    /// Scenarios the harness announced ("running N tests").
+    pub total: usize,
+    /// Why the run failed, if it did.
+    pub failure: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Console markers that mean the guest kernel died.
+const FATAL: [&str; 4] =
+    ["Kernel panic", "BUG: soft lockup", "rcu_sched self-detected stall", "Oops:"];
+
+pub fn boot(
+    label: &str,
+    kernel: &Path,
+    initrd: &Path,
+    memory_mib: u32,
+    timeout: Duration,
+) -> Outcome {
+    let started = Instant::now();
+    let mut outcome =
+        Outcome { release: None, passed: 0, total: 0, failure: None, elapsed: Duration::ZERO };
+    let spawned = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &memory_mib.to_string()])
+        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut qemu = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            outcome.failure = Some(format!("cannot start qemu-system-x86_64: {error}"));
+            return outcome;
+        }
+    };
+    let (lines, receiver) = mpsc::channel::<String>();
+    for stream in [
+        qemu.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        qemu.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(lines);
+
+    let deadline = started + timeout;
+    let mut failed_tests = Vec::new();
+    let mut finished = false;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = match receiver.recv_timeout(remaining) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                outcome.failure =
+                    Some(format!("timed out after {} s; guest killed", timeout.as_secs()));
+                break;
+            }
+        };
+        println!("[{label}] {line}");
+        let announced = line
+            .strip_prefix("running ")
+            .and_then(|rest| rest.strip_suffix(" tests").or_else(|| rest.strip_suffix(" test")));
+        if let Some(count) = announced {
+            outcome.total = count.trim().parse().unwrap_or(0);
+        } else if line.starts_with("test ") && line.ends_with(" ... ok") {
+            outcome.passed += 1;
+        } else if line.starts_with("test ") && line.ends_with(" ... FAILED") {
+            failed_tests
+                .push(line.trim_start_matches("test ").trim_end_matches(" ... FAILED").to_string());
+        } else if let Some(result) = line.strip_prefix("vm-test-result: ") {
+            let mut fields = result.split_whitespace();
+            outcome.release = fields.next().map(str::to_string);
+            if fields.next() != Some("exit=0") && failed_tests.is_empty() {
+                outcome.failure = Some(format!("the scenario binary failed ({result})"));
+            }
+            finished = true;
+        } else if FATAL.iter().any(|marker| line.contains(marker)) {
+            outcome.failure = Some(format!("guest kernel failure: {line}"));
+            break;
+        }
+    }
+    let _ = qemu.kill();
+    let status = qemu.wait();
+    if outcome.failure.is_none() && !failed_tests.is_empty() {
+        outcome.failure = Some(format!("failed: {}", failed_tests.join(", ")));
+    }
+    if outcome.failure.is_none() && !finished {
+        outcome.failure =
+            Some(format!("the guest stopped without a result line (qemu: {status:?})"));
+    }
+    outcome.elapsed = started.elapsed();
+    outcome
+}
