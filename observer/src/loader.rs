@@ -147,7 +147,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
             match attached {
                 Ok(fd) => {
                     if failure.is_some() {
-                        log::info!("this kernel needs the fallback program `{primary}`");
+                        log::debug!("this kernel needs the fallback program `{primary}`");
                     }
                     primaries.push(fd);
                     failure = None;

@@ -78,7 +78,10 @@ impl Initramfs {
         }
         let loaded = match modules {
             Some(dir) => image.modules(dir, &MODULES)?,
-            None => Vec::new(),
+            None => {
+                println!("vm-test: no kernel modules given; the kernel must have veth built in");
+                Vec::new()
+            }
         };
         image.bytes("etc/modules", loaded.join("\n").into_bytes(), 0o644);
         image.bytes("etc/test-args", harness_args.join(" ").into_bytes(), 0o644);
@@ -161,7 +164,11 @@ impl Initramfs {
             return Ok(());
         }
         let Some(file) = find_module(&dir.join("kernel"), &name) else {
-            // Built into this kernel (modules.builtin), or not needed.
+            let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+            if !builtin.lines().any(|line| line.replace('-', "_").ends_with(&format!("/{name}.ko")))
+            {
+                bail!("kernel module {name} is neither in {} nor built in", dir.display());
+            }
             return Ok(());
         };
         let depends = output(Command::new("modinfo").args(["-F", "depends"]).arg(&file))

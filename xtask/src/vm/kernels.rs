@@ -49,8 +49,8 @@ pub fn resolve(list: &str, cache: &Path) -> anyhow::Result<Vec<GuestKernel>> {
     Ok(kernels)
 }
 
-/// A kernel image given by path; modules are taken from `../lib/modules/*` beside it
-/// (the layout of an unpacked Debian package), if present.
+/// A kernel image given by path; modules are taken from `../lib/modules/*` (or
+/// `../usr/lib/modules/*`) beside it, the layout of an unpacked Debian package, if present.
 fn from_path(path: &Path) -> anyhow::Result<GuestKernel> {
     if !path.is_file() {
         bail!(
@@ -59,12 +59,12 @@ fn from_path(path: &Path) -> anyhow::Result<GuestKernel> {
         );
     }
     check_bzimage(path)?;
-    let modules = path
-        .parent()
-        .and_then(Path::parent)
-        .map(|root| root.join("lib/modules"))
-        .and_then(|dir| fs::read_dir(dir).ok())
-        .and_then(|mut entries| entries.next())
+    let root = path.parent().and_then(Path::parent);
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .filter_map(|dir| root.map(|root| root.join(dir)))
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .find_map(|mut entries| entries.next())
         .and_then(|entry| entry.ok())
         .map(|entry| entry.path());
     Ok(GuestKernel {
@@ -138,7 +138,13 @@ fn unpacked_kernel(version: &str, root: &Path) -> anyhow::Result<Option<GuestKer
     let release = vmlinuz
         .file_name()
         .and_then(|name| name.to_string_lossy().strip_prefix("vmlinuz-").map(str::to_string));
-    let modules = release.as_ref().map(|release| root.join("lib/modules").join(release));
+    // Merged-/usr packages (trixie on) ship modules under usr/lib/modules.
+    let modules = release.as_ref().and_then(|release| {
+        ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|dir| root.join(dir).join(release))
+            .find(|dir| dir.is_dir())
+    });
     Ok(Some(GuestKernel { label: version.to_string(), vmlinuz, modules, release }))
 }
 
