@@ -119,6 +119,13 @@ impl Namespace {
         Counters(values)
     }
 
+    /// `ss -tin` output (TCP internals: rto, backoff, …) for sockets matching a filter.
+    pub fn socket_details(&self, filter: &str) -> String {
+        let mut args = vec!["ss", "-H", "-t", "-i", "-a", "-n"];
+        args.extend(filter.split_whitespace());
+        self.exec(&args)
+    }
+
     /// `ss` state of sockets matching a filter, e.g. "dport = :7000".
     pub fn socket_states(&self, filter: &str) -> Vec<String> {
         let mut args = vec!["ss", "-H", "-t", "-a", "-n"];

@@ -30,7 +30,9 @@ pub fn directory() -> Option<PathBuf> {
 
 /// Where the daemon writes its events when recording.
 pub fn events_file() -> Option<PathBuf> {
-    directory().map(|dir| dir.join(format!(".events-{}.jsonl", std::process::id())))
+    let dir = directory()?;
+    fs::create_dir_all(&dir).expect("create the recording directory");
+    Some(dir.join(format!(".events-{}.jsonl", std::process::id())))
 }
 
 /// CLOCK_MONOTONIC, the clock of kernel event timestamps.

@@ -135,3 +135,18 @@ pub fn stream_from(socket: socket2::Socket) -> TcpStream {
 pub fn set_receive_buffer_listener(listener: &std::net::TcpListener, bytes: usize) {
     SockRef::from(listener).set_recv_buffer_size(bytes).expect("SO_RCVBUF");
 }
+
+/// Runs `f` with this thread pinned to CPU 0, so the timers the kernel arms for it all
+/// land on one CPU's timer wheel.
+pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let this_thread = Pid::from_raw(0);
+    let original = sched_getaffinity(this_thread).expect("sched_getaffinity");
+    let mut cpu0 = CpuSet::new();
+    cpu0.set(0).expect("CPU 0");
+    sched_setaffinity(this_thread, &cpu0).expect("sched_setaffinity");
+    let result = f();
+    sched_setaffinity(this_thread, &original).expect("sched_setaffinity");
+    result
+}

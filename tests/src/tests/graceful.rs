@@ -1,9 +1,13 @@
 //! Graceful endings: FIN from one side, the other, or both at once.
 
-use std::{io::Write as _, net::Shutdown};
+use std::{io::Write as _, net::Shutdown, time::Duration};
 
 use super::{Mib, assert_verdict};
-use crate::{daemon::daemon, net::Pair, sock};
+use crate::{
+    daemon::{daemon, wait_until},
+    net::Pair,
+    sock,
+};
 
 /// No RST may cross the wire in a graceful close.
 const NO_RESETS: [(&str, i64); 2] = [("TcpOutRsts", 0), ("TcpEstabResets", 0)];
@@ -61,15 +65,33 @@ fn three_way_close() {
     assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
 }
 
-/// Both FINs are sent before either arrives: the link drops everything while both
-/// sides close, then their retransmissions cross.
+/// Both FINs are sent before either arrives.
+///
+/// Both sides close while a black hole drops everything, so both sit in FIN_WAIT1
+/// retransmitting their FIN. Closed back to back from one CPU, their retransmission
+/// timers expire in the same timer-wheel batch, and each FIN is transmitted before the
+/// other is received (veth delivers in the NET_RX softirq, after the timers). Waiting
+/// until both have backed off twice puts the timers in a 64 ms wheel slot, so even a slow
+/// (emulated) machine closes both within one slot. Then the link heals.
 #[test]
 fn simultaneous_close() {
     let pair = Pair::new();
     let (client, server) = pair.connect(7004);
     pair.black_hole();
-    drop(client);
-    drop(server);
+    sock::on_one_cpu(|| {
+        drop(client);
+        drop(server);
+    });
+    let backed_off = |namespace: &crate::net::Namespace| {
+        let details = namespace.socket_details("state fin-wait-1");
+        details.split_whitespace().any(|field| {
+            field.strip_prefix("backoff:").and_then(|n| n.parse::<u32>().ok()) >= Some(2)
+        })
+    };
+    let retrying = wait_until(Duration::from_secs(30), || {
+        backed_off(&pair.client) && backed_off(&pair.server)
+    });
+    assert!(retrying, "FINs not retransmitted twice while the link was black-holed");
     pair.heal();
     for (namespace, role) in [(&pair.client, "client"), (&pair.server, "server")] {
         let verdict = daemon().verdict(namespace);

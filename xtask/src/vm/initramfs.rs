@@ -33,8 +33,16 @@ for module in $(cat /etc/modules); do
 done
 ip link set lo up
 echo "vm-test-phase: kernel $(uname -r) up, running the scenarios"
+if [ -e /etc/record ]; then export OBSERVER_RECORD_DIR=/tmp/streams; fi
 OBSERVER_BIN=/bin/observer /bin/observer-tests --test-threads=1 $(cat /etc/test-args)
-echo "vm-test-result: $(uname -r) exit=$?"
+status=$?
+# Recorded event streams travel back over the console, one prefixed line at a time.
+if [ -d /tmp/streams ]; then
+    find /tmp/streams -mindepth 2 -name '*.jsonl' | while read -r file; do
+        sed "s|^|vm-test-file ${file#/tmp/streams/}: |" "$file"
+    done
+fi
+echo "vm-test-result: $(uname -r) exit=$status"
 poweroff -f
 "#;
 
@@ -66,6 +74,7 @@ impl Initramfs {
         scenarios: &Path,
         modules: Option<&Path>,
         harness_args: &[String],
+        record: bool,
     ) -> anyhow::Result<Self> {
         let mut image = Self::default();
         image.bytes("init", INIT.as_bytes().to_vec(), 0o755);
@@ -85,6 +94,9 @@ impl Initramfs {
         };
         image.bytes("etc/modules", loaded.join("\n").into_bytes(), 0o644);
         image.bytes("etc/test-args", harness_args.join(" ").into_bytes(), 0o644);
+        if record {
+            image.bytes("etc/record", Vec::new(), 0o644);
+        }
         image.bytes("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644);
         for dir in ["proc", "sys", "dev", "run", "tmp", "var", "root"] {
             image.dir(dir);

@@ -37,6 +37,10 @@ pub struct Options {
     /// Give up on a guest after this many minutes.
     #[arg(long, value_name = "MINUTES", default_value_t = 30)]
     timeout_minutes: u64,
+    /// Record each scenario's kernel events as replay fixtures under
+    /// observer/tests/streams/<kernel release>/ (replacing that kernel's old ones).
+    #[arg(long)]
+    record: bool,
     /// Arguments for the scenario harness in the guest, e.g. a test name filter.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     harness_args: Vec<String>,
@@ -49,7 +53,8 @@ const GUEST_MEMORY_MIB: u32 = 2048;
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 pub fn run(options: Options) -> anyhow::Result<()> {
-    let Options { kernel, timeout_minutes, harness_args } = options;
+    let Options { kernel, timeout_minutes, record, harness_args } = options;
+    let streams = crate::command::workspace_root().join("observer/tests/streams");
     let cache = target_dir().join("vm");
     // Resolve first: a wrong --kernel fails before anything is built.
     let kernels = kernels::resolve(&kernel, &cache)?;
@@ -72,7 +77,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             &scenarios,
             kernel.modules.as_deref(),
             &harness_args,
+            record,
         )?;
+        if record && let Some(release) = &kernel.release {
+            let _ = std::fs::remove_dir_all(streams.join(release));
+        }
         let size = image.write(&initrd)?;
         println!(
             "vm-test: {}: initramfs {} MiB; booting {} under QEMU (TCG)",
@@ -86,6 +95,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             &initrd,
             GUEST_MEMORY_MIB,
             Duration::from_secs(timeout_minutes * 60),
+            record.then_some(streams.as_path()),
         );
         let release = outcome
             .release

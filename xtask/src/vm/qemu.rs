@@ -25,12 +25,15 @@ pub struct Outcome {
 const FATAL: [&str; 4] =
     ["Kernel panic", "BUG: soft lockup", "rcu_sched self-detected stall", "Oops:"];
 
+/// Boots `kernel` with `initrd`. Files the guest sends back (`vm-test-file <path>: <line>`)
+/// are written under `files_to`, if given.
 pub fn boot(
     label: &str,
     kernel: &Path,
     initrd: &Path,
     memory_mib: u32,
     timeout: Duration,
+    files_to: Option<&Path>,
 ) -> Outcome {
     let started = Instant::now();
     let mut outcome =
@@ -88,6 +91,12 @@ pub fn boot(
                 break;
             }
         };
+        if let Some(file_line) = line.strip_prefix("vm-test-file ") {
+            if let (Some(dir), Some((path, content))) = (files_to, file_line.split_once(": ")) {
+                append(&dir.join(path), content);
+            }
+            continue;
+        }
         println!("[{label}] {line}");
         let announced = line
             .strip_prefix("running ")
@@ -122,4 +131,20 @@ pub fn boot(
     }
     outcome.elapsed = started.elapsed();
     outcome
+}
+
+/// Appends one line to a file sent back by the guest (creating it and its directory).
+fn append(path: &Path, line: &str) {
+    use std::io::Write as _;
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(error) = written {
+        println!("vm-test: cannot write {}: {error}", path.display());
+    }
 }
