@@ -417,7 +417,7 @@ fn without_error(history: &History, close: &Close, resets: &Resets) -> Verdict {
             // shutdown(SHUT_WR), then the peer's FIN: TIME_WAIT with the fd still open.
             Verdict::with(Cause::Active, "time_wait")
         }
-        _ if !dead => close_time_abort(s),
+        _ if !dead => close_time_abort(s, resets),
         _ if resets.active_before || resets.active_after => Verdict::new(Cause::Memory),
         // An orphan closed without error or RST: network namespace teardown, or memory
         // pressure with nothing recently sent.
@@ -481,7 +481,7 @@ fn disconnect_cause(s: &Snapshot) -> Cause {
 }
 
 /// F inside `close()` (or `connect(AF_UNSPEC)`) on a socket the application still held.
-fn close_time_abort(s: &Snapshot) -> Verdict {
+fn close_time_abort(s: &Snapshot, resets: &Resets) -> Verdict {
     if s.shutdown != SHUTDOWN_MASK {
         Verdict::new(Cause::Disconnect)
     } else if s.has_unread_data() {
@@ -489,6 +489,10 @@ fn close_time_abort(s: &Snapshot) -> Verdict {
         Verdict::new(Cause::UnreadData)
     } else if s.flags.linger && s.linger_time == 0 {
         Verdict::new(Cause::LingerZero)
+    } else if resets.active_after {
+        // Before the fix to __tcp_close's unread test (6.1.156, 6.12.53, ~6.17) the
+        // kernel could count already-read bytes as unread and abort anyway.
+        Verdict::with(Cause::UnreadData, "data_already_read")
     } else {
         Verdict::with(Cause::Unknown, "closed_without_error_or_reset")
     }
@@ -719,6 +723,15 @@ mod tests {
                 .rst_out(reason);
             assert_eq!(linger2.verdict(), (Class::Rst, Cause::Linger2, None), "{reason:?}");
         }
+    }
+
+    #[test]
+    fn abort_on_close_for_data_already_read_on_old_kernels() {
+        let spurious =
+            server().close(Established, sock(|s| s.shutdown = SHUTDOWN_MASK)).rst_out(None);
+        assert_eq!(spurious.verdict(), (Class::Rst, Cause::UnreadData, Some("data_already_read")));
+        let neither = server().close(Established, sock(|s| s.shutdown = SHUTDOWN_MASK));
+        assert_eq!(neither.verdict().1, Cause::Unknown);
     }
 
     #[test]
