@@ -501,7 +501,7 @@ fn close_time_abort(s: &Snapshot, resets: &Resets) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tcp::{SockFlags, TcpState::*};
+    use crate::tcp::TcpState::*;
 
     const MS: u64 = 1_000_000;
 
@@ -913,6 +913,5 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), Cause::ALL.len());
-        let _ = SockFlags::default();
     }
 }

@@ -244,7 +244,7 @@ fn read_record<T: Copy>(record: &[u8]) -> Result<T, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use observer_common::{ABSENT, ProgramConfig};
+    use observer_common::ProgramConfig;
 
     use super::*;
 
@@ -365,7 +365,6 @@ mod tests {
         assert_eq!(reset.reason, Some(ResetReason::TcpState));
         assert_eq!(reset.state, TcpState::Close);
         assert_eq!(reset.direction, ResetDirection::Sent);
-        let _ = ABSENT;
     }
 
     #[test]
