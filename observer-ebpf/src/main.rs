@@ -97,62 +97,93 @@ fn set_busy(tracepoint: u32, value: u32) {
     }
 }
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    as_primary(STATE, || state_with_cookie(&ctx));
-    0
+/// Defines a tracepoint's primary program and its standby twin, both recording with
+/// `$record(ctx, config)` once the daemon has configured the object.
+macro_rules! primary_and_standby {
+    ($tracepoint:tt, $slot:expr, $record:ident, $primary:ident, $standby:ident) => {
+        #[btf_tracepoint(function = $tracepoint)]
+        pub fn $primary(ctx: BtfTracePointContext) -> i32 {
+            as_primary($slot, || configured(|config| $record(&ctx, config)));
+            0
+        }
+
+        #[btf_tracepoint(function = $tracepoint)]
+        pub fn $standby(ctx: BtfTracePointContext) -> i32 {
+            as_standby($slot, || configured(|config| $record(&ctx, config)));
+            0
+        }
+    };
 }
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_standby(ctx: BtfTracePointContext) -> i32 {
-    as_standby(STATE, || state_with_cookie(&ctx));
-    0
-}
+primary_and_standby!(
+    "inet_sock_set_state",
+    STATE,
+    state_with_cookie,
+    inet_sock_set_state,
+    inet_sock_set_state_standby
+);
+// For kernels before 5.12, whose tracing programs cannot call `bpf_get_socket_cookie`.
+primary_and_standby!(
+    "inet_sock_set_state",
+    STATE,
+    state_without_cookie,
+    inet_sock_set_state_no_cookie,
+    inet_sock_set_state_no_cookie_standby
+);
+primary_and_standby!(
+    "tcp_send_reset",
+    SEND_RESET,
+    reset_sent,
+    tcp_send_reset,
+    tcp_send_reset_standby
+);
+primary_and_standby!(
+    "tcp_receive_reset",
+    RECEIVE_RESET,
+    reset_received,
+    tcp_receive_reset,
+    tcp_receive_reset_standby
+);
 
-/// For kernels before 5.12, whose tracing programs cannot call `bpf_get_socket_cookie`.
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_no_cookie(ctx: BtfTracePointContext) -> i32 {
-    as_primary(STATE, || state_without_cookie(&ctx));
-    0
-}
-
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_no_cookie_standby(ctx: BtfTracePointContext) -> i32 {
-    as_standby(STATE, || state_without_cookie(&ctx));
-    0
+/// Runs `record` with the configuration, read once per event; nothing until the daemon
+/// filled it in.
+#[inline(always)]
+fn configured(record: impl FnOnce(&ProgramConfig)) {
+    let config = CONFIG.load();
+    if config.valid != 0 {
+        record(&config);
+    }
 }
 
 #[inline(always)]
-fn state_with_cookie(ctx: &BtfTracePointContext) {
+fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: *mut c_void = ctx.arg(0);
-    if is_tcp(&CONFIG.load(), sk as u64) {
+    if is_tcp(config, sk as u64) {
         // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
         let cookie = unsafe { bpf_get_socket_cookie(sk) };
-        record_state(ctx, sk, cookie);
+        record_state(ctx, config, sk, cookie);
     }
 }
 
 /// The cookie read from the socket: 0 unless something generated it.
 #[inline(always)]
-fn state_without_cookie(ctx: &BtfTracePointContext) {
+fn state_without_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     let sk: *mut c_void = ctx.arg(0);
-    let config = CONFIG.load();
-    if is_tcp(&config, sk as u64) {
+    if is_tcp(config, sk as u64) {
         let mut cookie = 0u64;
         // SAFETY: fault-tolerant read into a local.
         unsafe {
             read_word(sk as u64, config.sock_fields[SockField::Cookie as usize], &mut cookie)
         };
-        record_state(ctx, sk, cookie);
+        record_state(ctx, config, sk, cookie);
     }
 }
 
 #[inline(always)]
-fn record_state(ctx: &BtfTracePointContext, sk: *mut c_void, cookie: u64) {
+fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: *mut c_void, cookie: u64) {
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
-    let config = CONFIG.load();
     let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
         count_lost();
         warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
@@ -180,58 +211,28 @@ fn record_state(ctx: &BtfTracePointContext, sk: *mut c_void, cookie: u64) {
         read_bytes(sk as u64, config.daddr_v6, addr_of_mut!((*event).daddr_v6));
         (*event).old_state = old_state as u32;
         (*event).new_state = new_state as u32;
-        (*event).netns = netns_inode(&config, sk as u64);
+        (*event).netns = netns_inode(config, sk as u64);
         (*event)._pad = 0;
     }
     entry.submit(0);
 }
 
-#[btf_tracepoint(function = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    as_primary(SEND_RESET, || reset_sent(&ctx));
-    0
-}
-
-#[btf_tracepoint(function = "tcp_send_reset")]
-pub fn tcp_send_reset_standby(ctx: BtfTracePointContext) -> i32 {
-    as_standby(SEND_RESET, || reset_sent(&ctx));
-    0
-}
-
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    as_primary(RECEIVE_RESET, || reset_received(&ctx));
-    0
-}
-
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset_standby(ctx: BtfTracePointContext) -> i32 {
-    as_standby(RECEIVE_RESET, || reset_received(&ctx));
-    0
-}
-
 #[inline(always)]
-fn reset_sent(ctx: &BtfTracePointContext) {
+fn reset_sent(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb
     //          [, const enum sk_rst_reason reason])   -- reason since 6.10
-    let config = CONFIG.load();
-    if config.valid != 0 {
-        let reason = match config.send_reset_reason_arg {
-            ABSENT => NO_REASON,
-            index => arg_value(ctx, index as usize) as u32,
-        };
-        let answers_packet = arg_value(ctx, 1) != 0;
-        record_reset(ctx, &config, EventKind::ResetSent, reason, answers_packet);
-    }
+    let reason = match config.send_reset_reason_arg {
+        ABSENT => NO_REASON,
+        index => arg_value(ctx, index as usize) as u32,
+    };
+    let answers_packet = arg_value(ctx, 1) != 0;
+    record_reset(ctx, config, EventKind::ResetSent, reason, answers_packet);
 }
 
 #[inline(always)]
-fn reset_received(ctx: &BtfTracePointContext) {
+fn reset_received(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     // TP_PROTO(struct sock *sk)
-    let config = CONFIG.load();
-    if config.valid != 0 {
-        record_reset(ctx, &config, EventKind::ResetReceived, NO_REASON, false);
-    }
+    record_reset(ctx, config, EventKind::ResetReceived, NO_REASON, false);
 }
 
 #[inline(always)]
@@ -294,12 +295,9 @@ fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
     }
 }
 
-/// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels), once configured.
+/// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels).
 #[inline(always)]
 fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
-    if config.valid == 0 {
-        return false;
-    }
     let mut word = 0u64;
     // SAFETY: fault-tolerant read into a local.
     unsafe { read_word(sk, config.protocol.offset, &mut word) };

@@ -70,6 +70,14 @@ impl PortLabels {
     }
 }
 
+/// Brings a counter up to a running total kept elsewhere (it never goes down).
+fn advance(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry.register(Box::new(metric.clone())).expect("unique metric");
@@ -217,10 +225,7 @@ impl Metrics {
 
     /// Brings the lost counter up to the kernel's running total.
     pub fn set_lost(&self, total: u64) {
-        let current = self.lost.get();
-        if total > current {
-            self.lost.inc_by(total - current);
-        }
+        advance(&self.lost, total);
     }
 
     pub fn lost(&self) -> u64 {
@@ -233,14 +238,8 @@ impl Metrics {
         tracked: usize,
         by_state: impl Iterator<Item = (TcpState, i64)>,
     ) {
-        let sync = |reason: &str, total: u64| {
-            let counter = self.dropped_sockets.with_label_values(&[reason]);
-            if total > counter.get() {
-                counter.inc_by(total - counter.get());
-            }
-        };
-        sync("capacity", stats.evicted);
-        sync("replaced", stats.replaced);
+        advance(&self.dropped_sockets.with_label_values(&["capacity"]), stats.evicted);
+        advance(&self.dropped_sockets.with_label_values(&["replaced"]), stats.replaced);
         self.tracked.set(tracked as i64);
         for (state, count) in by_state {
             // Closed sockets are not live; other states only appear if ever used.

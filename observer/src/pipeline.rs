@@ -37,12 +37,7 @@ pub trait Sink {
 
 pub struct Pipeline<S> {
     attached: Attached,
-    decoder: Decoder,
-    tracker: Tracker,
-    metrics: Arc<Metrics>,
-    sink: S,
-    decided: Vec<ClosedConnection>,
-    lost_read_at: u64,
+    state: Running<S>,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -53,22 +48,20 @@ impl<S: Sink> Pipeline<S> {
         metrics: Arc<Metrics>,
         sink: S,
     ) -> Self {
-        Self {
-            attached,
+        let state = Running {
             decoder,
             tracker: Tracker::new(max_sockets),
             metrics,
             sink,
             decided: Vec::new(),
             lost_read_at: 0,
-        }
+        };
+        Self { attached, state }
     }
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { attached, decoder, tracker, metrics, sink, decided, lost_read_at } = self;
-        let Attached { events, mut lost, logger } = attached;
-        let mut state = Running { decoder, tracker, metrics, sink, decided, lost_read_at };
+        let Self { attached: Attached { events, mut lost, logger }, mut state } = self;
         // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
         // descriptor stays open for as long as it is registered.
         let mut ring =

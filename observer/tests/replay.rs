@@ -40,6 +40,15 @@ fn replay(path: &Path) -> usize {
     }
     tracker.flush(&mut decided);
     for expected in &header.expect {
+        let context = format!(
+            "{} ({} on {}): {} {} -> {}",
+            path.display(),
+            header.test,
+            header.kernel,
+            expected.role,
+            expected.local,
+            expected.remote
+        );
         let matching: Vec<_> = decided
             .iter()
             .filter(|c| {
@@ -48,28 +57,12 @@ fn replay(path: &Path) -> usize {
                     && c.role.name() == expected.role
             })
             .collect();
-        assert_eq!(
-            matching.len(),
-            1,
-            "{} ({} on {}): one verdict expected for {} {} -> {}",
-            path.display(),
-            header.test,
-            header.kernel,
-            expected.role,
-            expected.local,
-            expected.remote
-        );
+        assert_eq!(matching.len(), 1, "{context}: one verdict expected");
         let verdict = &matching[0].verdict;
         assert_eq!(
             (verdict.class().name(), verdict.cause.name(), verdict.detail),
             (expected.class.as_str(), expected.cause.as_str(), expected.detail.as_deref()),
-            "{} ({} on {}): {} {} -> {}",
-            path.display(),
-            header.test,
-            header.kernel,
-            expected.role,
-            expected.local,
-            expected.remote
+            "{context}"
         );
     }
     header.expect.len()

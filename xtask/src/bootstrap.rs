@@ -74,38 +74,37 @@ pub fn build_tools() -> anyhow::Result<BuildTools> {
 
 /// Tools the integration tests drive: iproute2 (ip, ss, nstat) and Prometheus.
 pub fn test_tools() -> anyhow::Result<()> {
-    let mut apt = Apt::default();
-    let mut missing = Vec::new();
-    for (program, package) in [
+    let missing = missing_packages(&[
         ("ip", "iproute2"),
         ("ss", "iproute2"),
         ("nstat", "iproute2"),
         ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
-    ] {
-        if !on_path(program) && !missing.contains(&package) {
-            missing.push(package);
+    ]);
+    Apt::default().install(&missing, "the integration tests")
+}
+
+/// The packages providing the (program, package) pairs whose program is not on PATH.
+fn missing_packages(programs: &[(&str, &'static str)]) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    for (program, package) in programs {
+        if !on_path(program) && !missing.contains(package) {
+            missing.push(*package);
         }
     }
-    apt.install(&missing, "the integration tests")
+    missing
 }
 
 /// What `vm-test` drives on the host: QEMU, busybox for the guest, and the tools that
 /// unpack Debian kernel modules.
 pub fn vm_tools() -> anyhow::Result<()> {
-    let mut apt = Apt::default();
-    let mut missing = Vec::new();
-    for (program, package) in [
+    let mut missing = missing_packages(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("modinfo", "kmod"),
         ("xz", "xz-utils"),
         ("zstd", "zstd"),
-    ] {
-        if !on_path(program) && !missing.contains(&package) {
-            missing.push(package);
-        }
-    }
+    ]);
     // A dynamically linked busybox would not run in the guest.
     if on_path("busybox")
         && !package_installed("busybox-static")
@@ -113,7 +112,7 @@ pub fn vm_tools() -> anyhow::Result<()> {
     {
         missing.push("busybox-static");
     }
-    apt.install(&missing, "vm-test")
+    Apt::default().install(&missing, "vm-test")
 }
 
 fn llvm_major(toolchain: &str) -> Option<String> {
