@@ -20,6 +20,10 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// Another apt run (unattended upgrades, a parallel xtask) holds dpkg's lock for a while:
+/// wait for it rather than fail.
+const APT_WAIT_FOR_LOCK: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
+
 /// Installs Debian packages, running `apt-get update` at most once.
 #[derive(Default)]
 struct Apt {
@@ -39,12 +43,13 @@ impl Apt {
         }
         println!("xtask: installing {list} with apt-get ({why})");
         if !self.updated {
-            exec(Command::new("apt-get").args(["update", "-qq"]))?;
+            exec(Command::new("apt-get").args(["update", "-qq"]).args(APT_WAIT_FOR_LOCK))?;
             self.updated = true;
         }
         exec(
             Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(APT_WAIT_FOR_LOCK)
                 .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
