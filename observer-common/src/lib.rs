@@ -32,6 +32,9 @@ pub enum EventKind {
     ResetSent = 2,
     /// `tcp:tcp_receive_reset`.
     ResetReceived = 3,
+    /// `syscalls:sys_exit_accept4` / `sys_exit_accept`: the process that accepted a
+    /// socket (an [`OwnerEvent`]).
+    Accepted = 4,
 }
 
 impl EventKind {
@@ -40,6 +43,7 @@ impl EventKind {
             1 => Some(Self::State),
             2 => Some(Self::ResetSent),
             3 => Some(Self::ResetReceived),
+            4 => Some(Self::Accepted),
             _ => None,
         }
     }
@@ -174,6 +178,13 @@ pub struct ProgramConfig {
     /// Index of the `enum sk_rst_reason reason` argument of `tcp_send_reset` (6.10+),
     /// or [`ABSENT`]; taken from the tracepoint's BTF prototype.
     pub send_reset_reason_arg: u32,
+    /// From the file descriptor `accept()` returned to its socket:
+    /// `current->files->fdt->{max_fds, fd[]}`, `file->private_data` (the `struct socket`),
+    /// `socket->file` (checked to point back: the file really is a socket) and
+    /// `socket->sk`.
+    pub fd_walk: FdWalk,
+    /// Offset of `long ret` in the `sys_exit_accept*` record (from the tracefs format).
+    pub accept_ret: u32,
     /// Non-zero once the daemon filled this in; the programs do nothing until then.
     pub valid: u32,
 }
@@ -188,8 +199,62 @@ impl ProgramConfig {
         protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
         state: ABSENT,
         send_reset_reason_arg: ABSENT,
+        fd_walk: FdWalk {
+            task_files: ABSENT,
+            files_fdt: ABSENT,
+            fdt_max_fds: ABSENT,
+            fdt_fd: ABSENT,
+            file_private_data: ABSENT,
+            socket_file: ABSENT,
+            socket_sk: ABSENT,
+            _pad: 0,
+        },
+        accept_ret: ABSENT,
         valid: 0,
     };
+}
+
+/// Offsets of the pointers from a task to the socket behind one of its descriptors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdWalk {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    pub _pad: u32,
+}
+
+/// The task running when an event was recorded, captured only where that task is the
+/// socket's owner: the system calls that move a socket into SYN_SENT (connect), LISTEN,
+/// FIN_WAIT1 / LAST_ACK (close, shutdown), and accept's return. All zero elsewhere
+/// (softirq and timers run on behalf of whichever task they interrupted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id (`tgid`); 0 when not captured.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// cgroup v2 id (`bpf_get_current_cgroup_id`): the inode of its cgroupfs directory.
+    pub cgroup_id: u64,
+    /// `task->comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl Owner {
+    pub const NONE: Self = Self { pid: 0, tid: 0, cgroup_id: 0, comm: [0; 16] };
+}
+
+/// The process that accepted a socket, from `accept()`'s return in process context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerEvent {
+    pub header: EventHeader,
+    pub owner: Owner,
 }
 
 /// Fields every record starts with.
@@ -225,6 +290,8 @@ pub struct StateEvent {
     /// Inode number of the socket's network namespace (0 if unknown).
     pub netns: u32,
     pub _pad: u32,
+    /// The calling process, for transitions made by a system call (see [`Owner`]).
+    pub owner: Owner,
 }
 
 /// One RST sent or received on a known socket.
@@ -243,10 +310,14 @@ pub struct ResetEvent {
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
-const _: () = assert!(size_of::<StateEvent>() == 32 + 8 * SockField::COUNT + 32 + 16);
+const _: () = assert!(size_of::<Owner>() == 32);
+const _: () = assert!(size_of::<StateEvent>() == 32 + 8 * SockField::COUNT + 32 + 16 + 32);
 const _: () = assert!(size_of::<ResetEvent>() == 48);
-const _: () = assert!(align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8);
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3));
+const _: () = assert!(size_of::<OwnerEvent>() == 64);
+const _: () = assert!(
+    align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
+);
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3 + 8 + 1));
 
 #[cfg(feature = "user")]
 mod pod {

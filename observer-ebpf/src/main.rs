@@ -4,6 +4,8 @@
 //!   identity and the [`SockField`] words read at that instant.
 //! * `tcp_send_reset` / `tcp_receive_reset` (tp_btf): which socket sent or received an
 //!   RST, in which state, and the kernel's reason where it has one.
+//! * `syscalls:sys_exit_accept4` / `sys_exit_accept` (classic tracepoints; the only
+//!   process-context moment of a server-side socket): which process accepted it.
 //!
 //! All three are BTF tracepoints rather than classic ones: no tracefs is needed, the
 //! arguments are the TP_PROTO arguments (no record layout to parse), and a nested run the
@@ -22,17 +24,20 @@ use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
 use aya_ebpf::{
     EbpfContext as _, Global,
     helpers::{
-        bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
+            bpf_get_socket_cookie, bpf_probe_read_kernel,
+        },
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use observer_common::{
-    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent, SockField,
-    StateEvent,
+    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, Owner, OwnerEvent, ProgramConfig,
+    ResetEvent, SockField, StateEvent,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
@@ -60,6 +65,12 @@ const LOST_RING_FULL: u32 = 0;
 const HANDLED_BY_STANDBY: u32 = 1;
 /// `TCP_CLOSE`, the final transition.
 const TCP_CLOSE: i32 = 7;
+/// States only a system call of the owning process enters: connect(), close() or
+/// shutdown() (twice), listen().
+const TCP_SYN_SENT: i32 = 2;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
 
 // Nested runs. The kernel never runs a tp_btf program inside itself on one CPU: if a
 // tracepoint fires while the program is already running there (a softirq changing
@@ -213,8 +224,105 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: *mut c_v
         (*event).new_state = new_state as u32;
         (*event).netns = netns_inode(config, sk as u64);
         (*event)._pad = 0;
+        // Any other transition may run in softirq or a timer, on behalf of whichever
+        // task happened to be interrupted: its owner would be a lie.
+        match new_state {
+            TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_LISTEN => {
+                write_current_owner(addr_of_mut!((*event).owner))
+            }
+            _ => (*event).owner = Owner::NONE,
+        }
     }
     entry.submit(0);
+}
+
+/// Writes the task making the current system call into `owner` (in place: the
+/// programs' 512-byte stack has no room for another copy).
+///
+/// # Safety
+/// `owner` must be valid for writes.
+#[inline(always)]
+unsafe fn write_current_owner(owner: *mut Owner) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    unsafe {
+        (*owner).pid = (pid_tgid >> 32) as u32;
+        (*owner).tid = pid_tgid as u32;
+        (*owner).cgroup_id = bpf_get_current_cgroup_id();
+        // Zero-fills on failure.
+        bpf_get_current_comm(addr_of_mut!((*owner).comm).cast(), 16);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    configured(|config| accepted(&ctx, config));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    configured(|config| accepted(&ctx, config));
+    0
+}
+
+/// accept() returned descriptor `ret`: find its socket through the caller's descriptor
+/// table and record who owns it.
+#[inline(always)]
+fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
+    if config.accept_ret == ABSENT {
+        return;
+    }
+    // SAFETY: `accept_ret` is the offset of `long ret` in this record (tracefs format).
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(config.accept_ret as usize) }) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    let walk = &config.fd_walk;
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let fdt = read_pointer(read_pointer(task, walk.task_files), walk.files_fdt);
+    if fdt == 0 || fd as u64 >= read_u32(fdt, walk.fdt_max_fds) as u64 {
+        return;
+    }
+    let file = read_pointer(read_pointer(fdt, walk.fdt_fd) + fd as u64 * 8, 0);
+    let socket = read_pointer(file, walk.file_private_data);
+    // A socket's file points back at it; any other file's private data would not.
+    if socket == 0 || read_pointer(socket, walk.socket_file) != file {
+        return;
+    }
+    let sk = read_pointer(socket, walk.socket_sk);
+    if sk == 0 || !is_tcp(config, sk) {
+        return;
+    }
+    let mut cookie = 0u64;
+    // SAFETY: fault-tolerant read into a local.
+    unsafe { read_word(sk, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
+    let Some(mut entry) = EVENTS.reserve::<OwnerEvent>(0) else {
+        count_lost();
+        warn!(ctx, "ring buffer full: owner of an accepted socket lost");
+        return;
+    };
+    let event: *mut OwnerEvent = entry.as_mut_ptr();
+    // SAFETY: a reserved record of the right size, fully written before submit.
+    unsafe {
+        (*event).header = header(EventKind::Accepted, sk, cookie);
+        write_current_owner(addr_of_mut!((*event).owner));
+    }
+    entry.submit(0);
+}
+
+/// The pointer at `base + offset`, or 0 if absent or unreadable.
+#[inline(always)]
+fn read_pointer(base: u64, offset: u32) -> u64 {
+    if base == 0 {
+        return 0;
+    }
+    let mut pointer = 0u64;
+    // SAFETY: fault-tolerant read into a local.
+    unsafe { read_word(base, offset, &mut pointer) };
+    pointer
 }
 
 #[inline(always)]
@@ -350,6 +458,23 @@ unsafe fn read_bytes(base: u64, offset: u32, dst: *mut [u8; 16]) {
         return;
     }
     unsafe { bpf_probe_read_kernel(dst.cast(), 16, (base + offset as u64) as *const c_void) };
+}
+
+#[inline(always)]
+fn read_u32(base: u64, offset: u32) -> u32 {
+    if offset == ABSENT {
+        return 0;
+    }
+    let mut value = 0u32;
+    // SAFETY: fault-tolerant read into a local.
+    unsafe {
+        bpf_probe_read_kernel(
+            (&mut value as *mut u32).cast(),
+            4,
+            (base + offset as u64) as *const c_void,
+        )
+    };
+    value
 }
 
 #[inline(always)]

@@ -46,6 +46,29 @@ pub struct DaemonArgs {
     #[arg(long = "metrics.max-ports", value_name = "N", default_value_t = 256)]
     pub max_ports: usize,
 
+    /// Add a `netns` label (namespace inode) to observer_tcp_closes_total.
+    #[arg(long = "metrics.netns-label")]
+    pub netns_label: bool,
+
+    /// Add a `comm` label (owning process name, or "unknown") to
+    /// observer_tcp_closes_total.
+    #[arg(long = "metrics.comm-label")]
+    pub comm_label: bool,
+
+    /// Distinct values of each optional label before further ones become "other".
+    #[arg(long = "metrics.max-label-values", value_name = "N", default_value_t = 64)]
+    pub max_label_values: usize,
+
+    /// How often the socket inventory (live counts per namespace and state, ages) is
+    /// refreshed between scrapes; every scrape also refreshes it. 0s: only on scrape.
+    #[arg(
+        long = "inventory.interval",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub inventory_interval: std::time::Duration,
+
     /// Closed connections kept for /connections (newest replace oldest).
     #[arg(long = "connections.max-recent", value_name = "N", default_value_t = 1000)]
     pub max_recent: usize,
@@ -117,6 +140,10 @@ impl LogLevel {
     }
 }
 
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|error| error.to_string())
+}
+
 fn parse_telemetry_path(path: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err("must start with '/'".into());
@@ -146,6 +173,10 @@ mod tests {
             "--tracker.max-sockets",
             "--bpf.ring-buffer-bytes",
             "--debug.events-file",
+            "--metrics.netns-label",
+            "--metrics.comm-label",
+            "--metrics.max-label-values",
+            "--inventory.interval",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }
@@ -161,6 +192,7 @@ mod tests {
         assert!(Cli::try_parse_from(["observer", "--web.telemetry-path", "/healthz"]).is_err());
         assert!(Cli::try_parse_from(["observer", "--tracker.max-sockets", "0"]).is_err());
         assert!(Cli::try_parse_from(["observer", "--log.level", "loud"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--inventory.interval", "often"]).is_err());
         assert!(Cli::try_parse_from(["observer", "watch", "--json", "--events"]).is_err());
         let watch =
             Cli::try_parse_from(["observer", "watch", "--port", "80", "--port", "443"]).unwrap();

@@ -10,11 +10,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use observer_common::{EventHeader, EventKind, NO_REASON, ResetEvent, SockField, StateEvent};
+use observer_common::{
+    EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SockField, StateEvent,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     kernel_layout::{FieldDecoder, KernelLayout},
+    owner::Process,
     tcp::{ResetReason, SockFlags, TcpState},
 };
 
@@ -30,6 +33,7 @@ const AF_INET6: u64 = 10;
 pub enum SocketEvent {
     State(StateChange),
     Reset(Reset),
+    Accepted(Accepted),
 }
 
 impl SocketEvent {
@@ -37,8 +41,18 @@ impl SocketEvent {
         match self {
             SocketEvent::State(change) => change.socket,
             SocketEvent::Reset(reset) => reset.socket,
+            SocketEvent::Accepted(accepted) => accepted.socket,
         }
     }
+}
+
+/// A process received the socket from `accept()`: it owns it from now on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub timestamp_ns: u64,
+    pub socket: SocketId,
+    pub cookie: u64,
+    pub owner: Process,
 }
 
 /// One `inet_sock_set_state` transition.
@@ -54,6 +68,10 @@ pub struct StateChange {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub snapshot: Snapshot,
+    /// The process whose system call made this transition (connect, listen, close,
+    /// shutdown); absent for transitions made in softirq or timers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Process>,
 }
 
 /// The socket's fields at the transition: the evidence the classifier decides on, and
@@ -130,6 +148,8 @@ pub enum DecodeError {
     Truncated { len: usize },
     #[error("record of unknown kind {kind}")]
     UnknownKind { kind: u32 },
+    #[error("accept record of {len} bytes without a process")]
+    NoOwner { len: usize },
 }
 
 /// Turns raw records into [`SocketEvent`]s using the kernel's layout.
@@ -153,6 +173,16 @@ impl Decoder {
             }
             Some(EventKind::ResetReceived) => {
                 Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Received)))
+            }
+            Some(EventKind::Accepted) => {
+                let raw: OwnerEvent = read_record(record)?;
+                Ok(SocketEvent::Accepted(Accepted {
+                    timestamp_ns: raw.header.timestamp_ns,
+                    socket: raw.header.skaddr,
+                    cookie: raw.header.cookie,
+                    owner: Process::from_kernel(&raw.owner)
+                        .ok_or(DecodeError::NoOwner { len: record.len() })?,
+                }))
             }
             None => Err(DecodeError::UnknownKind { kind: header.kind }),
         }
@@ -212,6 +242,7 @@ impl Decoder {
                 total_retrans: field(SockField::TotalRetrans) as u32,
                 srtt_us: (field(SockField::SrttUs) as u32) >> 3,
             },
+            owner: Process::from_kernel(&raw.owner),
         }
     }
 
@@ -294,6 +325,7 @@ mod tests {
             new_state: 7,
             netns: 4026531840,
             _pad: 0,
+            owner: observer_common::Owner::NONE,
         };
         let set = |raw: &mut StateEvent, field: SockField, low: u64, bits: u32| {
             let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
@@ -347,6 +379,7 @@ mod tests {
             new_state: 4,
             netns: 0,
             _pad: 0,
+            owner: observer_common::Owner::NONE,
         };
         raw.sock[SockField::Family as usize] = 10;
         let decoder = Decoder::new(&layout());

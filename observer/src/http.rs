@@ -2,11 +2,13 @@
 //! and a landing page. Thin: it only renders what the pipeline produced.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{
@@ -18,7 +20,17 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::{metrics::Metrics, report::ConnectionReport};
+use crate::{
+    classify::Role,
+    inventory::{DiagSocket, Inventory, Snapshot},
+    metrics::Metrics,
+    owner::CgroupNames,
+    report::{Clock, ConnectionReport, Status},
+    tracker::Tracker,
+};
+
+/// A scrape or a `/connections` request reuses a socket inventory this recent.
+pub const INVENTORY_FRESHNESS: Duration = Duration::from_secs(1);
 
 /// The most recent verdicts, for `/connections`, each numbered in order (`seq`) so a
 /// client can ask only for what is new (`?after=<seq>`).
@@ -40,7 +52,7 @@ impl RecentConnections {
 
     pub fn push(&self, mut report: ConnectionReport) {
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        report.seq = items.next_seq;
+        report.seq = Some(items.next_seq);
         items.next_seq += 1;
         if self.max == 0 {
             return;
@@ -59,6 +71,23 @@ pub struct AppState {
     /// True while the ring-buffer reader runs.
     pub healthy: Arc<AtomicBool>,
     pub telemetry_path: String,
+    /// The sockets the pipeline follows (open ones are listed by `/connections`).
+    pub tracker: Arc<Mutex<Tracker>>,
+    pub inventory: Arc<Inventory>,
+    pub cgroups: Arc<Mutex<CgroupNames>>,
+    pub clock: Clock,
+}
+
+impl AppState {
+    /// A socket inventory at most [`INVENTORY_FRESHNESS`] old, also published as metrics.
+    async fn inventory(&self) -> Arc<Snapshot> {
+        let inventory = Arc::clone(&self.inventory);
+        let snapshot =
+            tokio::task::spawn_blocking(move || inventory.refresh(INVENTORY_FRESHNESS)).await;
+        let snapshot = snapshot.unwrap_or_else(|_| self.inventory.latest());
+        self.metrics.set_inventory(&snapshot);
+        snapshot
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -75,14 +104,16 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
         "<html><head><title>observer</title></head><body><h1>observer</h1>\
          <p>How every TCP connection on this host ended.</p><ul>\
          <li><a href=\"{path}\">{path}</a>: Prometheus metrics</li>\
-         <li><a href=\"/connections\">/connections</a>: recent closed connections (JSON; \
-         filters: after, port, netns, class, cause, limit)</li>\
+         <li><a href=\"/connections\">/connections</a>: open sockets and recent closed \
+         connections (JSON; filters: status, state, port, netns, pid, class, cause, after, \
+         limit)</li>\
          <li><a href=\"/healthz\">/healthz</a></li></ul></body></html>",
         path = state.telemetry_path
     ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.inventory().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
@@ -95,11 +126,27 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// Which records `/connections` returns: open sockets, closed connections, or both.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StatusFilter {
+    Open,
+    Closed,
+    #[default]
+    All,
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct Filter {
+    #[serde(default)]
+    status: StatusFilter,
+    /// TCP state name (`established`, `close_wait`, `time_wait`, … `close` for closed).
+    state: Option<String>,
+    /// Closed connections after this `seq` (open sockets are not numbered).
     after: Option<u64>,
     port: Option<u16>,
     netns: Option<u32>,
+    pid: Option<u32>,
     class: Option<String>,
     cause: Option<String>,
     limit: Option<usize>,
@@ -107,27 +154,85 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, report: &ConnectionReport) -> bool {
-        self.after.is_none_or(|after| report.seq > after)
+        self.after.is_none_or(|after| report.seq.is_some_and(|seq| seq > after))
+            && self.state.as_deref().is_none_or(|state| report.state.name() == state)
             && self.port.is_none_or(|port| report.port == port)
             && self.netns.is_none_or(|netns| report.netns == netns)
-            && self.class.as_deref().is_none_or(|class| report.class.name() == class)
-            && self.cause.as_deref().is_none_or(|cause| report.cause.name() == cause)
+            && self.pid.is_none_or(|pid| report.owner.pid() == Some(pid))
+            && self.class.as_deref().is_none_or(|class| report.class.is_some_and(|c| c.name() == class))
+            && self.cause.as_deref().is_none_or(|cause| report.cause.is_some_and(|c| c.name() == cause))
     }
 }
 
-/// Recent verdicts, oldest first, optionally filtered; `limit` keeps the newest.
+/// Open sockets (when asked for), then recent verdicts oldest first; `limit` keeps the
+/// last ones.
 async fn connections(
     State(state): State<AppState>,
     Query(filter): Query<Filter>,
 ) -> Json<Vec<ConnectionReport>> {
-    let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut selected: Vec<ConnectionReport> =
-        items.reports.iter().filter(|report| filter.matches(report)).cloned().collect();
-    drop(items);
+    let mut selected = Vec::new();
+    if filter.status != StatusFilter::Closed && filter.after.is_none() {
+        let snapshot = state.inventory().await;
+        selected.extend(open_connections(&state, &snapshot).into_iter().filter(|r| filter.matches(r)));
+    }
+    if filter.status != StatusFilter::Open {
+        let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
+        selected.extend(items.reports.iter().filter(|report| filter.matches(report)).cloned());
+    }
     if let Some(limit) = filter.limit
         && selected.len() > limit
     {
         selected.drain(..selected.len() - limit);
     }
     Json(selected)
+}
+
+/// Every open socket: those the tracker follows (with owner and history), completed
+/// with the inventory's counters, then those only the inventory knows (older than the
+/// daemon and quiet since, TIME_WAIT).
+fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionReport> {
+    let live: Vec<_> = state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
+    let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
+    let mut by_tuple: HashMap<(u32, SocketAddr, SocketAddr), (u64, usize)> = HashMap::new();
+    let listening: Vec<_> = snapshot.namespaces.iter().map(|n| n.listening_ports()).collect();
+    for (index, namespace) in snapshot.namespaces.iter().enumerate() {
+        for socket in &namespace.sockets {
+            by_cookie.insert((namespace.netns, socket.cookie), (socket, index));
+            by_tuple.insert((namespace.netns, socket.local, socket.remote), (socket.cookie, index));
+        }
+    }
+    let mut cgroups = state.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut reports = Vec::with_capacity(live.len());
+    let mut listed = std::collections::HashSet::new();
+    for socket in &live {
+        // Kernels before 5.12 give the tracker no cookie: match by 4-tuple then.
+        let cookie = match socket.cookie {
+            0 => by_tuple.get(&(socket.netns, socket.local, socket.remote)).map(|(c, _)| *c),
+            cookie => Some(cookie),
+        };
+        let found = cookie.and_then(|cookie| by_cookie.get(&(socket.netns, cookie)));
+        if let Some(cookie) = cookie {
+            listed.insert((socket.netns, cookie));
+        }
+        let port = match socket.role {
+            Role::Server => socket.local.port(),
+            Role::Client => socket.remote.port(),
+            Role::Unknown => match found {
+                Some((diag, index)) => snapshot.namespaces[*index].service_port(&listening[*index], diag),
+                None => socket.local.port().min(socket.remote.port()),
+            },
+        };
+        let stats = found.and_then(|(diag, _)| diag.stats);
+        reports.push(ConnectionReport::open(socket, stats, port, &state.clock, &mut cgroups));
+    }
+    for (index, namespace) in snapshot.namespaces.iter().enumerate() {
+        for socket in &namespace.sockets {
+            if !listed.contains(&(namespace.netns, socket.cookie)) {
+                let port = namespace.service_port(&listening[index], socket);
+                reports.push(ConnectionReport::inventoried(namespace.netns, socket, port));
+            }
+        }
+    }
+    debug_assert!(reports.iter().all(|r| r.status == Status::Open));
+    reports
 }

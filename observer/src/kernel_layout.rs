@@ -12,7 +12,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, BitField, ProgramConfig, SockField};
+use observer_common::{ABSENT, BitField, FdWalk, ProgramConfig, SockField};
 
 use crate::{error::Error, tcp::ResetReason};
 
@@ -183,6 +183,31 @@ impl KernelLayout {
         let send_reset_arguments = resolver.tracepoint_arguments("tcp_send_reset").unwrap_or(2);
         config.send_reset_reason_arg = if send_reset_arguments >= 3 { 2 } else { ABSENT };
         let reset_reasons = resolver.enum_values("sk_rst_reason");
+
+        let offset = |root, path: &[&str]| byte_offset(root, path).unwrap_or(ABSENT);
+        config.fd_walk = FdWalk {
+            task_files: offset("task_struct", &["files"]),
+            files_fdt: offset("files_struct", &["fdt"]),
+            fdt_max_fds: offset("fdtable", &["max_fds"]),
+            fdt_fd: offset("fdtable", &["fd"]),
+            file_private_data: offset("file", &["private_data"]),
+            socket_file: offset("socket", &["file"]),
+            socket_sk: offset("socket", &["sk"]),
+            _pad: 0,
+        };
+        let walk = config.fd_walk;
+        let walk_offsets = [
+            walk.task_files,
+            walk.files_fdt,
+            walk.fdt_max_fds,
+            walk.fdt_fd,
+            walk.file_private_data,
+            walk.socket_file,
+            walk.socket_sk,
+        ];
+        if walk_offsets.contains(&ABSENT) {
+            missing.push("the descriptor table walk (owners of accepted sockets)");
+        }
         config.valid = 1;
 
         Ok(Self { config, fields, reset_reasons, missing })
@@ -323,6 +348,27 @@ impl Resolver<'_> {
     }
 }
 
+/// Where tracefs is mounted, if it is.
+pub fn tracefs() -> Option<&'static Path> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(Path::new)
+        .find(|path| path.join("events").is_dir())
+}
+
+/// Byte offset of `field` in the records of a classic tracepoint, from its tracefs
+/// `format` file (lines like `field:long ret;	offset:16;	size:8;	signed:1;`).
+pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let declaration = parts.next()?.strip_prefix("field:")?;
+        if declaration.rsplit(' ').next()? != field {
+            return None;
+        }
+        parts.find_map(|part| part.strip_prefix("offset:")?.parse().ok())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +389,17 @@ mod tests {
         assert_eq!(absent.unsigned(u64::MAX), 0);
         let wide = FieldDecoder { present: true, shift: 0, bits: 64, signed: false };
         assert_eq!(wide.unsigned(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn finds_fields_in_tracefs_formats() {
+        let format = "name: sys_exit_accept4\nID: 1234\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n\
+            \tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;\n";
+        assert_eq!(tracepoint_field_offset(format, "ret"), Some(16));
+        assert_eq!(tracepoint_field_offset(format, "__syscall_nr"), Some(8));
+        assert_eq!(tracepoint_field_offset(format, "nr"), None);
     }
 
     /// Runs against the BTF of the kernel the tests run on; every field of 6.x is there.

@@ -24,9 +24,11 @@ pub mod cli;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod inventory;
 pub mod kernel_layout;
 pub mod loader;
 pub mod metrics;
+pub mod owner;
 pub mod pipeline;
 pub mod report;
 pub mod shutdown;
@@ -37,7 +39,7 @@ use std::{
     fs::File,
     io::{BufWriter, Write as _},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -50,11 +52,13 @@ use crate::{
     error::Error,
     event::{Decoder, SocketEvent},
     http::{AppState, RecentConnections},
+    inventory::Inventory,
     kernel_layout::KernelLayout,
-    metrics::Metrics,
+    metrics::{CloseLabels, Metrics},
+    owner::CgroupNames,
     pipeline::{Pipeline, Sink},
     report::{Clock, ConnectionReport},
-    tracker::ClosedConnection,
+    tracker::{ClosedConnection, Tracker},
 };
 
 /// Checks privileges and the kernel, then loads and attaches the programs.
@@ -70,7 +74,7 @@ fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error
 
 /// Logs verdicts nobody could explain, with everything we knew.
 fn log_unknown(report: &ConnectionReport) {
-    if report.cause == Cause::Unknown {
+    if report.cause == Some(Cause::Unknown) {
         let evidence = serde_json::to_string(report).unwrap_or_default();
         log::warn!("connection ended in an unrecognised way: {evidence}");
     }
@@ -80,6 +84,7 @@ fn log_unknown(report: &ConnectionReport) {
 struct DaemonSink {
     recent: Arc<RecentConnections>,
     clock: Clock,
+    cgroups: Arc<Mutex<CgroupNames>>,
     events_file: Option<BufWriter<File>>,
 }
 
@@ -97,7 +102,9 @@ impl Sink for DaemonSink {
     }
 
     fn closed(&mut self, connection: &ClosedConnection) {
-        let report = ConnectionReport::new(connection, &self.clock);
+        let mut cgroups = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+        let report = ConnectionReport::new(connection, &self.clock, &mut cgroups);
+        drop(cgroups);
         log_unknown(&report);
         self.recent.push(report);
     }
@@ -132,14 +139,47 @@ pub async fn run_daemon(
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
 
-    let metrics = Arc::new(Metrics::new(args.max_ports));
+    let close_labels = CloseLabels {
+        netns: args.netns_label,
+        comm: args.comm_label,
+        max_values: args.max_label_values,
+    };
+    let metrics = Arc::new(Metrics::new(args.max_ports, close_labels));
     let recent = Arc::new(RecentConnections::new(args.max_recent));
     let healthy = Arc::new(AtomicBool::new(true));
+    let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
+    let inventory = Arc::new(Inventory::new());
+    let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
+    let clock = Clock::now();
+    // The first inventory: sockets older than the daemon are counted from the start.
+    let first = Arc::clone(&inventory);
+    if let Ok(snapshot) =
+        tokio::task::spawn_blocking(move || first.refresh(std::time::Duration::ZERO)).await
+    {
+        metrics.set_inventory(&snapshot);
+        if snapshot.failures > 0 {
+            log::warn!(
+                "{} network namespace(s) could not be listed (needs CAP_SYS_ADMIN and \
+                 CAP_SYS_PTRACE); their sockets are not counted",
+                snapshot.failures
+            );
+        }
+    }
+    spawn_inventory_refresh(
+        Arc::clone(&inventory),
+        Arc::clone(&metrics),
+        args.inventory_interval,
+        shutdown.clone(),
+    );
     let app = http::router(AppState {
         metrics: Arc::clone(&metrics),
         recent: Arc::clone(&recent),
         healthy: Arc::clone(&healthy),
         telemetry_path: args.telemetry_path.clone(),
+        tracker: Arc::clone(&tracker),
+        inventory,
+        cgroups: Arc::clone(&cgroups),
+        clock,
     });
     let server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -149,9 +189,8 @@ pub async fn run_daemon(
     });
     log::info!("listening on http://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink { recent, clock: Clock::now(), events_file };
-    let pipeline =
-        Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink);
+    let sink = DaemonSink { recent, clock, cgroups, events_file };
+    let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
     let result = pipeline.run(shutdown.clone()).await;
     healthy.store(false, Ordering::Relaxed);
     shutdown.cancel();
@@ -163,10 +202,37 @@ pub async fn run_daemon(
     result
 }
 
+/// Refreshes the socket inventory every `interval` (ages stay precise between scrapes).
+fn spawn_inventory_refresh(
+    inventory: Arc<Inventory>,
+    metrics: Arc<Metrics>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let inventory = Arc::clone(&inventory);
+            if let Ok(snapshot) =
+                tokio::task::spawn_blocking(move || inventory.refresh(interval / 2)).await
+            {
+                metrics.set_inventory(&snapshot);
+            }
+        }
+    });
+}
+
 /// Prints verdicts (or raw events) to stdout.
 struct WatchSink {
     args: WatchArgs,
     clock: Clock,
+    cgroups: CgroupNames,
     stop: CancellationToken,
 }
 
@@ -193,7 +259,7 @@ impl Sink for WatchSink {
         {
             return;
         }
-        let report = ConnectionReport::new(connection, &self.clock);
+        let report = ConnectionReport::new(connection, &self.clock, &mut self.cgroups);
         log_unknown(&report);
         if self.args.json {
             self.print(&serde_json::to_string(&report).unwrap_or_default());
@@ -210,13 +276,17 @@ pub async fn run_watch(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (layout, attached) = attach(&common)?;
-    let metrics = Arc::new(Metrics::new(0));
-    let sink = WatchSink { args: args.clone(), clock: Clock::now(), stop: shutdown.clone() };
+    let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
+    let sink = WatchSink {
+        args: args.clone(),
+        clock: Clock::now(),
+        cgroups: CgroupNames::new(),
+        stop: shutdown.clone(),
+    };
     log::info!("attached; printing connections as they close (Ctrl-C to stop)");
     if !args.json && !args.events {
         sink.print(&ConnectionReport::header());
     }
-    Pipeline::new(attached, Decoder::new(&layout), common.max_sockets, metrics, sink)
-        .run(shutdown)
-        .await
+    let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
+    Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink).run(shutdown).await
 }

@@ -12,10 +12,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, ProgramError, TracePoint},
 };
 
-use crate::{error::Error, kernel_layout::KernelLayout};
+use crate::{
+    error::Error,
+    kernel_layout::{self, KernelLayout},
+};
 
 /// The programs of observer-ebpf: for each tracepoint (in the order of the program's
 /// tracepoint indices), (primary, standby) pairs in order of preference; the first pair
@@ -124,11 +127,21 @@ pub fn check_privileges() -> Result<(), Error> {
     Err(Error::Privileges { missing: missing.join(", ") })
 }
 
+/// The system calls that hand a process an accepted socket (classic tracepoints: the
+/// per-syscall events exist only in tracefs).
+const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
+
 pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
     raise_memlock_limit();
+    let mut config = layout.config;
+    let accept_format = accept_record_offset();
+    match &accept_format {
+        Ok(offset) => config.accept_ret = *offset,
+        Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
+    }
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &layout.config, true)
+        .override_global("CONFIG", &config, true)
         .override_global(aya_log::LEVEL, &KERNEL_LOG_LEVEL_WARN, false)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(object)
@@ -161,6 +174,14 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         }
         if let Some(error) = failure {
             return Err(error);
+        }
+    }
+
+    if accept_format.is_ok() {
+        for name in ACCEPT_PROGRAMS {
+            if let Err(reason) = attach_syscall_exit(&mut ebpf, name) {
+                log::warn!("owners of sockets returned by {name} will be unknown: {reason}");
+            }
         }
     }
 
@@ -216,6 +237,27 @@ fn load_program(
     let fd =
         program.fd().map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
     Ok(fd.as_fd().as_raw_fd())
+}
+
+/// Offset of `ret` in the accept() exit records, from tracefs.
+fn accept_record_offset() -> Result<u32, String> {
+    let tracefs = kernel_layout::tracefs().ok_or("tracefs is not mounted")?;
+    let path = tracefs.join("events/syscalls/sys_exit_accept4/format");
+    let format = fs::read_to_string(&path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    kernel_layout::tracepoint_field_offset(&format, "ret")
+        .ok_or_else(|| format!("no `ret` field in {}", path.display()))
+}
+
+fn attach_syscall_exit(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or("not in the object")?
+        .try_into()
+        .map_err(|error: ProgramError| error.to_string())?;
+    program.load().map_err(|error| error_chain(&error))?;
+    program.attach("syscalls", name).map_err(|error| error_chain(&error))?;
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg. Raising

@@ -6,44 +6,53 @@
 //! label is the *service* port, capped by `--metrics.max-ports`.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
+    hash::Hash,
     sync::{Mutex, PoisonError},
 };
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{
     classify::Class,
     event::{Reset, ResetDirection},
+    inventory::Snapshot,
     tcp::TcpState,
     tracker::{ClosedConnection, TrackerStats},
 };
 
-/// States a live socket can be in at the tracepoint (TIME_WAIT and NEW_SYN_RECV belong
-/// to mini-sockets it never shows).
-const LIVE_STATES: [TcpState; 9] = [
-    TcpState::Established,
-    TcpState::SynSent,
-    TcpState::SynRecv,
-    TcpState::FinWait1,
-    TcpState::FinWait2,
-    TcpState::CloseWait,
-    TcpState::LastAck,
-    TcpState::Listen,
-    TcpState::Closing,
-];
-
-/// Label value for ports beyond `--metrics.max-ports`.
+/// Label value for ports (and other capped labels) beyond their cap.
 pub const OTHER_PORT: &str = "other";
+
+/// Upper bounds of the CLOSE_WAIT age buckets: a second to a day.
+const CLOSE_WAIT_AGE_BUCKETS: [f64; 8] = [1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+
+const CLOSE_WAIT_AGE: &str = "observer_tcp_close_wait_age_seconds";
+
+/// Optional labels of `observer_tcp_closes_total` (off by default: each multiplies the
+/// number of series).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseLabels {
+    pub netns: bool,
+    pub comm: bool,
+    /// Distinct values of each before further ones become "other".
+    pub max_values: usize,
+}
 
 pub struct Metrics {
     registry: Registry,
     closes: IntCounterVec,
+    close_labels: CloseLabels,
     transitions: IntCounterVec,
     sockets: IntGaugeVec,
+    oldest: GaugeVec,
+    namespaces: IntGauge,
+    namespace_errors: IntGauge,
+    close_wait_ages: Mutex<Option<MetricFamily>>,
     duration: HistogramVec,
     resets: IntCounterVec,
     events: IntCounter,
@@ -51,19 +60,28 @@ pub struct Metrics {
     malformed: IntCounter,
     dropped_sockets: IntCounterVec,
     tracked: IntGauge,
-    ports: Mutex<PortLabels>,
+    ports: Mutex<CappedLabel<u16>>,
+    netns_values: Mutex<CappedLabel<u32>>,
+    comm_values: Mutex<CappedLabel<String>>,
 }
 
-/// The first `max` distinct service ports get their own label value.
-struct PortLabels {
+/// The first `max` distinct values of a label get their own label value; later ones
+/// become "other", so cardinality stays bounded.
+struct CappedLabel<T> {
     max: usize,
-    seen: HashSet<u16>,
+    seen: HashSet<T>,
 }
 
-impl PortLabels {
-    fn label(&mut self, port: u16) -> String {
-        if self.seen.contains(&port) || (self.seen.len() < self.max && self.seen.insert(port)) {
-            port.to_string()
+impl<T: Hash + Eq + Clone + ToString> CappedLabel<T> {
+    fn new(max: usize) -> Self {
+        Self { max, seen: HashSet::new() }
+    }
+
+    fn label(&mut self, value: &T) -> String {
+        if self.seen.contains(value)
+            || (self.seen.len() < self.max && self.seen.insert(value.clone()))
+        {
+            value.to_string()
         } else {
             OTHER_PORT.to_string()
         }
@@ -91,13 +109,20 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 impl Metrics {
-    pub fn new(max_ports: usize) -> Self {
+    pub fn new(max_ports: usize, close_labels: CloseLabels) -> Self {
         let registry = Registry::new();
+        let mut labels = vec!["class", "cause", "role", "port"];
+        if close_labels.netns {
+            labels.push("netns");
+        }
+        if close_labels.comm {
+            labels.push("comm");
+        }
         let closes = counter_vec(
             &registry,
             "observer_tcp_closes_total",
             "TCP connections that ended, by how (class) and why (cause) they ended.",
-            &["class", "cause", "role", "port"],
+            &labels,
         );
         let transitions = counter_vec(
             &registry,
@@ -106,11 +131,37 @@ impl Metrics {
             &["from", "to"],
         );
         let sockets = IntGaugeVec::new(
-            Opts::new("observer_tcp_sockets", "Live TCP sockets tracked, by current state."),
-            &["state"],
+            Opts::new(
+                "observer_tcp_sockets",
+                "TCP sockets by network namespace and state, as `ss -tan` lists them \
+                 (socket-diag), TIME_WAIT included.",
+            ),
+            &["netns", "state"],
         )
         .expect("valid metric");
         registry.register(Box::new(sockets.clone())).expect("unique metric");
+        let oldest = GaugeVec::new(
+            Opts::new(
+                "observer_tcp_socket_oldest_age_seconds",
+                "Time the oldest socket of each namespace and state has been in that state \
+                 (since the daemon first saw it there, for sockets older than the daemon).",
+            ),
+            &["netns", "state"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(oldest.clone())).expect("unique metric");
+        let namespaces = IntGauge::new(
+            "observer_inventory_namespaces",
+            "Network namespaces whose sockets the last inventory listed.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(namespaces.clone())).expect("unique metric");
+        let namespace_errors = IntGauge::new(
+            "observer_inventory_namespace_errors",
+            "Network namespaces the last inventory could not enter or list (privileges).",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(namespace_errors.clone())).expect("unique metric");
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "observer_tcp_connection_duration_seconds",
@@ -165,9 +216,6 @@ impl Metrics {
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
 
-        for state in LIVE_STATES {
-            sockets.with_label_values(&[state.name()]).set(0);
-        }
         for reason in ["capacity", "replaced"] {
             dropped_sockets.with_label_values(&[reason]);
         }
@@ -178,8 +226,13 @@ impl Metrics {
         Self {
             registry,
             closes,
+            close_labels,
             transitions,
             sockets,
+            oldest,
+            namespaces,
+            namespace_errors,
+            close_wait_ages: Mutex::new(None),
             duration,
             resets,
             events,
@@ -187,16 +240,32 @@ impl Metrics {
             malformed,
             dropped_sockets,
             tracked,
-            ports: Mutex::new(PortLabels { max: max_ports, seen: HashSet::new() }),
+            ports: Mutex::new(CappedLabel::new(max_ports)),
+            netns_values: Mutex::new(CappedLabel::new(close_labels.max_values)),
+            comm_values: Mutex::new(CappedLabel::new(close_labels.max_values)),
         }
     }
 
+    fn port_label(&self, port: u16) -> String {
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(&port)
+    }
+
     pub fn record_close(&self, closed: &ClosedConnection) {
-        let port = self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(closed.port);
+        let port = self.port_label(closed.port);
         let class = closed.verdict.class().name();
-        self.closes
-            .with_label_values(&[class, closed.verdict.cause.name(), closed.role.name(), &port])
-            .inc();
+        let mut values =
+            vec![class.to_string(), closed.verdict.cause.name().into(), closed.role.name().into()];
+        values.push(port);
+        if self.close_labels.netns {
+            let mut netns = self.netns_values.lock().unwrap_or_else(PoisonError::into_inner);
+            values.push(netns.label(&closed.netns));
+        }
+        if self.close_labels.comm {
+            let comm = closed.owner.map_or_else(|| "unknown".into(), |o| o.comm.to_string());
+            values.push(self.comm_values.lock().unwrap_or_else(PoisonError::into_inner).label(&comm));
+        }
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        self.closes.with_label_values(&values).inc();
         if let Some(duration) = closed.duration_ns {
             self.duration.with_label_values(&[class]).observe(duration as f64 / 1e9);
         }
@@ -232,31 +301,105 @@ impl Metrics {
         self.lost.get()
     }
 
-    pub fn set_tracker(
-        &self,
-        stats: TrackerStats,
-        tracked: usize,
-        by_state: impl Iterator<Item = (TcpState, i64)>,
-    ) {
+    pub fn set_tracker(&self, stats: TrackerStats, tracked: usize) {
         advance(&self.dropped_sockets.with_label_values(&["capacity"]), stats.evicted);
         advance(&self.dropped_sockets.with_label_values(&["replaced"]), stats.replaced);
         self.tracked.set(tracked as i64);
-        for (state, count) in by_state {
-            // Closed sockets are not live; other states only appear if ever used.
-            if LIVE_STATES.contains(&state) || count != 0 {
-                self.sockets.with_label_values(&[state.name()]).set(count);
+    }
+
+    /// Socket counts, oldest ages and CLOSE_WAIT ages from a socket inventory. Series of
+    /// namespaces and states that no longer exist disappear.
+    pub fn set_inventory(&self, snapshot: &Snapshot) {
+        self.sockets.reset();
+        self.oldest.reset();
+        self.namespaces.set(snapshot.namespaces.len() as i64);
+        self.namespace_errors.set(snapshot.failures as i64);
+        let mut close_wait_ages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for namespace in &snapshot.namespaces {
+            let netns = namespace.netns.to_string();
+            let listening = namespace.listening_ports();
+            let mut counts: BTreeMap<TcpState, (i64, f64)> = BTreeMap::new();
+            for socket in &namespace.sockets {
+                let age = snapshot.age_seconds(namespace.netns, socket);
+                let entry = counts.entry(socket.state).or_default();
+                entry.0 += 1;
+                entry.1 = entry.1.max(age);
+                if socket.state == TcpState::CloseWait {
+                    let port = self.port_label(namespace.service_port(&listening, socket));
+                    close_wait_ages.entry(port).or_default().push(age);
+                }
+            }
+            for (state, (count, oldest)) in counts {
+                self.sockets.with_label_values(&[&netns, state.name()]).set(count);
+                self.oldest.with_label_values(&[&netns, state.name()]).set(oldest);
             }
         }
+        *self.close_wait_ages.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(close_wait_histogram(&close_wait_ages));
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        if let Some(ages) = &*self.close_wait_ages.lock().unwrap_or_else(PoisonError::into_inner)
+            && !ages.get_metric().is_empty()
+        {
+            families.push(ages.clone());
+            families.sort_by(|a, b| a.name().cmp(b.name()));
+        }
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .expect("text encoding to memory cannot fail");
         String::from_utf8(buffer).expect("exposition is UTF-8")
     }
+}
+
+/// The ages of the CLOSE_WAIT sockets that exist *now*, per service port.
+///
+/// A snapshot distribution (an OpenMetrics gauge histogram), written as a histogram in
+/// the text format as the official Python client does: buckets can go down between
+/// scrapes, so query it directly (`histogram_quantile(0.5, ..._bucket)`, or a bucket
+/// count: "CLOSE_WAIT sockets older than an hour on port 8080"), never with `rate()`.
+fn close_wait_histogram(ages_by_port: &BTreeMap<String, Vec<f64>>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(CLOSE_WAIT_AGE.into());
+    family.set_help(
+        "Ages of the CLOSE_WAIT sockets that exist now, per service port (a snapshot: \
+         buckets go down as sockets close; do not rate() it)."
+            .into(),
+    );
+    family.set_field_type(MetricType::HISTOGRAM);
+    let metrics = ages_by_port
+        .iter()
+        .map(|(port, ages)| {
+            let mut histogram = Histogram::default();
+            histogram.set_sample_count(ages.len() as u64);
+            histogram.set_sample_sum(ages.iter().sum());
+            histogram.set_bucket(
+                CLOSE_WAIT_AGE_BUCKETS
+                    .iter()
+                    .map(|&bound| {
+                        let mut bucket = Bucket::default();
+                        bucket.set_upper_bound(bound);
+                        bucket.set_cumulative_count(
+                            ages.iter().filter(|&&age| age <= bound).count() as u64,
+                        );
+                        bucket
+                    })
+                    .collect(),
+            );
+            let mut label = LabelPair::default();
+            label.set_name("port".into());
+            label.set_value(port.clone());
+            let mut metric = Metric::default();
+            metric.set_label(vec![label]);
+            metric.set_histogram(histogram);
+            metric
+        })
+        .collect();
+    family.set_metric(metrics);
+    family
 }
 
 #[cfg(test)]
@@ -265,23 +408,66 @@ mod tests {
 
     #[test]
     fn caps_port_labels() {
-        let mut ports = PortLabels { max: 2, seen: HashSet::new() };
-        assert_eq!(ports.label(80), "80");
-        assert_eq!(ports.label(443), "443");
-        assert_eq!(ports.label(8080), OTHER_PORT);
-        assert_eq!(ports.label(80), "80");
+        let mut ports = CappedLabel::new(2);
+        assert_eq!(ports.label(&80u16), "80");
+        assert_eq!(ports.label(&443), "443");
+        assert_eq!(ports.label(&8080), OTHER_PORT);
+        assert_eq!(ports.label(&80), "80");
+    }
+
+    #[test]
+    fn inventory_gives_counts_oldest_ages_and_close_wait_histogram() {
+        use crate::inventory::{DiagSocket, NamespaceSockets};
+        let socket = |state, local: &str, remote: &str, cookie| DiagSocket {
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            cookie,
+            inode: 0,
+            stats: None,
+        };
+        let namespace = NamespaceSockets {
+            netns: 7,
+            sockets: vec![
+                socket(TcpState::Listen, "10.0.0.1:8080", "0.0.0.0:0", 1),
+                socket(TcpState::CloseWait, "10.0.0.1:8080", "10.0.0.2:5000", 2),
+                socket(TcpState::CloseWait, "10.0.0.1:8080", "10.0.0.2:5001", 3),
+                socket(TcpState::CloseWait, "10.0.0.1:40000", "10.0.0.3:5432", 4),
+                socket(TcpState::TimeWait, "10.0.0.1:40001", "10.0.0.3:5432", 5),
+            ],
+        };
+        let ages = [((7, 2), 30.0), ((7, 3), 7200.0), ((7, 4), 0.5), ((7, 5), 12.0)];
+        let snapshot =
+            Snapshot { namespaces: vec![namespace], ages: ages.into_iter().collect(), failures: 0 };
+        let metrics = Metrics::new(8, CloseLabels::default());
+        metrics.set_inventory(&snapshot);
+        let text = metrics.render();
+        for line in [
+            "observer_tcp_sockets{netns=\"7\",state=\"close_wait\"} 3",
+            "observer_tcp_sockets{netns=\"7\",state=\"listen\"} 1",
+            "observer_tcp_sockets{netns=\"7\",state=\"time_wait\"} 1",
+            "observer_tcp_socket_oldest_age_seconds{netns=\"7\",state=\"close_wait\"} 7200",
+            "observer_tcp_close_wait_age_seconds_bucket{port=\"8080\",le=\"60\"} 1",
+            "observer_tcp_close_wait_age_seconds_bucket{port=\"8080\",le=\"+Inf\"} 2",
+            "observer_tcp_close_wait_age_seconds_count{port=\"5432\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // A namespace that disappeared takes its series with it.
+        metrics.set_inventory(&Snapshot::default());
+        let text = metrics.render();
+        assert!(!text.contains("netns=\"7\""), "stale series in\n{text}");
     }
 
     #[test]
     fn exposition_has_the_contract_metrics() {
-        let metrics = Metrics::new(4);
+        let metrics = Metrics::new(4, CloseLabels::default());
         metrics.record_transition(TcpState::Established, TcpState::FinWait1);
         metrics.set_lost(3);
         metrics.set_lost(2);
         let text = metrics.render();
         for name in [
             "observer_tcp_transitions_total{from=\"established\",to=\"fin_wait1\"} 1",
-            "observer_tcp_sockets{state=\"close_wait\"} 0",
             "observer_events_total 0",
             "observer_events_lost_total 3",
             "observer_build_info{version=",

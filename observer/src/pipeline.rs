@@ -5,7 +5,10 @@
 //! it drains the ring *before* expiring windows, so an RST reserved just after F is
 //! always counted with its connection.
 
-use std::{num::NonZeroUsize, sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -41,16 +44,18 @@ pub struct Pipeline<S> {
 }
 
 impl<S: Sink> Pipeline<S> {
+    /// `tracker` is shared so `/connections` can list open sockets; the pipeline locks
+    /// it once per batch of records.
     pub fn new(
         attached: Attached,
         decoder: Decoder,
-        max_sockets: NonZeroUsize,
+        tracker: Arc<Mutex<Tracker>>,
         metrics: Arc<Metrics>,
         sink: S,
     ) -> Self {
         let state = Running {
             decoder,
-            tracker: Tracker::new(max_sockets),
+            tracker,
             metrics,
             sink,
             decided: Vec::new(),
@@ -122,7 +127,7 @@ async fn readable(
 /// The pipeline's mutable state while running.
 struct Running<S> {
     decoder: Decoder,
-    tracker: Tracker,
+    tracker: Arc<Mutex<Tracker>>,
     metrics: Arc<Metrics>,
     sink: S,
     decided: Vec<ClosedConnection>,
@@ -130,8 +135,12 @@ struct Running<S> {
 }
 
 impl<S: Sink> Running<S> {
+    fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn next_wake(&self) -> Duration {
-        match self.tracker.next_deadline_ns() {
+        match self.tracker().next_deadline_ns() {
             Some(deadline) => {
                 Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(IDLE_WAKE)
             }
@@ -140,27 +149,30 @@ impl<S: Sink> Running<S> {
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let shared = Arc::clone(&self.tracker);
+        let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(record) = ring.next() {
             let event = self.decoder.decode(&record);
             drop(record);
             match event {
-                Ok(event) => self.ingest(&event),
+                Ok(event) => self.ingest(&mut tracker, &event),
                 Err(error) => {
                     log::warn!("dropping ring buffer record: {error}");
                     self.metrics.record_malformed();
                 }
             }
         }
+        drop(tracker);
         self.sink.flush();
     }
 
-    fn ingest(&mut self, event: &SocketEvent) {
+    fn ingest(&mut self, tracker: &mut Tracker, event: &SocketEvent) {
         self.metrics.record_event();
         self.sink.event(event);
         if let SocketEvent::Reset(reset) = event {
             self.metrics.record_reset(reset);
         }
-        if let Effect::Transition { from, to } = self.tracker.ingest(event, &mut self.decided) {
+        if let Effect::Transition { from, to } = tracker.ingest(event, &mut self.decided) {
             self.metrics.record_transition(from, to);
         }
         self.publish();
@@ -168,7 +180,11 @@ impl<S: Sink> Running<S> {
 
     /// Decides every socket whose evidence window ended by `now_ns`.
     fn settle(&mut self, lost: &mut LostEvents, now_ns: u64) {
-        self.tracker.expire(now_ns, &mut self.decided);
+        let shared = Arc::clone(&self.tracker);
+        let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        tracker.expire(now_ns, &mut self.decided);
+        let (stats, tracked) = (tracker.stats(), tracker.len());
+        drop(tracker);
         self.publish();
         if now_ns.saturating_sub(self.lost_read_at) >= LOST_REFRESH_NS {
             self.lost_read_at = now_ns;
@@ -180,11 +196,7 @@ impl<S: Sink> Running<S> {
                 );
             }
             self.metrics.set_lost(ring_full + skipped);
-            self.metrics.set_tracker(
-                self.tracker.stats(),
-                self.tracker.len(),
-                self.tracker.sockets_by_state(),
-            );
+            self.metrics.set_tracker(stats, tracked);
         }
     }
 

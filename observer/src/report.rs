@@ -11,44 +11,120 @@ use serde::Serialize;
 use crate::{
     classify::{Cause, Class, ResetSeen, Role},
     event::Snapshot,
+    inventory::{DiagSocket, TcpStats},
+    owner::{CgroupNames, Process},
     tcp::TcpState,
-    tracker::ClosedConnection,
+    tracker::{ClosedConnection, LiveSocket},
 };
 
-/// One closed connection, ready to serialise.
+/// One connection, open or closed, ready to serialise: the records of `/connections`
+/// and `observer watch --json` (schema: `docs/connections.schema.json`).
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionReport {
-    /// Position in the daemon's stream of verdicts (1, 2, …); 0 outside the daemon.
-    pub seq: u64,
-    /// Wall-clock time of the final transition (RFC 3339, UTC).
-    pub closed_at: String,
+    /// Position in the daemon's stream of verdicts (1, 2, …): closed connections in the
+    /// daemon only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    pub status: Status,
+    /// Current state (`close` once closed).
+    pub state: TcpState,
+    /// Wall-clock time of the open (RFC 3339, UTC); null for sockets older than the
+    /// daemon.
+    pub opened_at: Option<String>,
+    /// Wall-clock time of the final transition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
     /// Network namespace inode (as in `readlink /proc/PID/ns/net`).
     pub netns: u32,
-    /// Socket cookie (as in `ss -e`).
+    /// Socket cookie (as in `ss -e`); 0 where the kernel offered none.
     pub cookie: u64,
     pub family: &'static str,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub role: Role,
     pub port: u16,
-    pub class: Class,
-    pub cause: Cause,
+    pub owner: OwnerReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'static str>,
-    /// States visited, in order, ending with `close`.
+    /// States visited while we watched, in order (ending with `close` once closed).
     pub states: Vec<TcpState>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Open to close, or to now for an open connection; null if the open is unknown.
     pub duration_seconds: Option<f64>,
     /// Bytes we sent that the peer acknowledged.
     pub bytes_acked: u64,
     pub bytes_received: u64,
     pub retransmits: u32,
     pub srtt_us: u32,
-    pub sk_err: i32,
-    /// RSTs this socket sent or received.
-    pub resets: Vec<ResetSeen>,
-    /// The socket as it was at the final transition.
-    pub evidence: Snapshot,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sk_err: Option<i32>,
+    /// RSTs this socket sent or received (closed connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets: Option<Vec<ResetSeen>>,
+    /// The socket as it was at the final transition (closed connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Snapshot>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Open,
+    Closed,
+}
+
+/// The owning process, or the string `"unknown"`: never a guess.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum OwnerReport {
+    Known {
+        pid: u32,
+        comm: String,
+        /// cgroup v2 path; null if the cgroup is gone or there is no v2 hierarchy.
+        cgroup: Option<String>,
+        /// Container id (64 hex digits) when the cgroup path names one.
+        container_id: Option<String>,
+    },
+    Unknown(&'static str),
+}
+
+impl OwnerReport {
+    pub fn new(owner: Option<&Process>, cgroups: &mut CgroupNames) -> Self {
+        match owner {
+            Some(process) => {
+                let cgroup = cgroups.resolve(process.cgroup_id);
+                OwnerReport::Known {
+                    pid: process.pid,
+                    comm: process.comm.to_string(),
+                    cgroup: cgroup.as_ref().map(|c| c.path.to_string()),
+                    container_id: cgroup.and_then(|c| c.container_id.map(|id| id.to_string())),
+                }
+            }
+            None => OwnerReport::Unknown("unknown"),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            OwnerReport::Known { pid, .. } => Some(*pid),
+            OwnerReport::Unknown(_) => None,
+        }
+    }
+
+    /// `comm:pid`, or `unknown`.
+    pub fn short(&self) -> String {
+        match self {
+            OwnerReport::Known { pid, comm, .. } => format!("{comm}:{pid}"),
+            OwnerReport::Unknown(text) => (*text).to_string(),
+        }
+    }
+}
+
+fn family(address: &SocketAddr) -> &'static str {
+    if address.is_ipv6() { "ipv6" } else { "ipv4" }
 }
 
 /// Converts kernel CLOCK_MONOTONIC timestamps to wall-clock time.
@@ -78,21 +154,30 @@ pub fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+impl Clock {
+    pub fn rfc3339(&self, monotonic_ns: u64) -> String {
+        humantime::format_rfc3339_millis(self.wall(monotonic_ns)).to_string()
+    }
+}
+
 impl ConnectionReport {
-    pub fn new(closed: &ClosedConnection, clock: &Clock) -> Self {
+    pub fn new(closed: &ClosedConnection, clock: &Clock, cgroups: &mut CgroupNames) -> Self {
         Self {
-            seq: 0,
-            closed_at: humantime::format_rfc3339_millis(clock.wall(closed.closed_at_ns))
-                .to_string(),
+            seq: None,
+            status: Status::Closed,
+            state: TcpState::Close,
+            opened_at: closed.opened_ns.map(|ns| clock.rfc3339(ns)),
+            closed_at: Some(clock.rfc3339(closed.closed_at_ns)),
             netns: closed.netns,
             cookie: closed.cookie,
-            family: if closed.local.is_ipv6() { "ipv6" } else { "ipv4" },
+            family: family(&closed.local),
             local: closed.local,
             remote: closed.remote,
             role: closed.role,
             port: closed.port,
-            class: closed.verdict.class(),
-            cause: closed.verdict.cause,
+            owner: OwnerReport::new(closed.owner.as_ref(), cgroups),
+            class: Some(closed.verdict.class()),
+            cause: Some(closed.verdict.cause),
             detail: closed.verdict.detail,
             states: closed.states.clone(),
             duration_seconds: closed.duration_ns.map(|ns| ns as f64 / 1e9),
@@ -100,17 +185,92 @@ impl ConnectionReport {
             bytes_received: closed.snapshot.bytes_received,
             retransmits: closed.snapshot.total_retrans,
             srtt_us: closed.snapshot.srtt_us,
-            sk_err: closed.snapshot.sk_err,
-            resets: closed.resets.clone(),
-            evidence: closed.snapshot,
+            sk_err: Some(closed.snapshot.sk_err),
+            resets: Some(closed.resets.clone()),
+            evidence: Some(closed.snapshot),
+        }
+    }
+
+    /// An open socket the tracker follows, with counters from the inventory if it has
+    /// the socket.
+    pub fn open(
+        live: &LiveSocket,
+        stats: Option<TcpStats>,
+        service_port: u16,
+        clock: &Clock,
+        cgroups: &mut CgroupNames,
+    ) -> Self {
+        let now = monotonic_ns();
+        let stats = stats.unwrap_or_default();
+        Self {
+            seq: None,
+            status: Status::Open,
+            state: live.state,
+            opened_at: live.opened_ns.map(|ns| clock.rfc3339(ns)),
+            closed_at: None,
+            netns: live.netns,
+            cookie: live.cookie,
+            family: family(&live.local),
+            local: live.local,
+            remote: live.remote,
+            role: live.role,
+            port: service_port,
+            owner: OwnerReport::new(live.owner.as_ref(), cgroups),
+            class: None,
+            cause: None,
+            detail: None,
+            states: live.states.clone(),
+            duration_seconds: live.opened_ns.map(|ns| now.saturating_sub(ns) as f64 / 1e9),
+            bytes_acked: stats.bytes_acked,
+            bytes_received: stats.bytes_received,
+            retransmits: stats.total_retrans,
+            srtt_us: stats.srtt_us,
+            sk_err: None,
+            resets: None,
+            evidence: None,
+        }
+    }
+
+    /// A socket only the inventory knows: older than the daemon and quiet since, or in
+    /// TIME_WAIT. Its owner and open time are unknown.
+    pub fn inventoried(netns: u32, socket: &DiagSocket, service_port: u16) -> Self {
+        let stats = socket.stats.unwrap_or_default();
+        Self {
+            seq: None,
+            status: Status::Open,
+            state: socket.state,
+            opened_at: None,
+            closed_at: None,
+            netns,
+            cookie: socket.cookie,
+            family: family(&socket.local),
+            local: socket.local,
+            remote: socket.remote,
+            role: Role::Unknown,
+            port: service_port,
+            owner: OwnerReport::Unknown("unknown"),
+            class: None,
+            cause: None,
+            detail: None,
+            states: vec![socket.state],
+            duration_seconds: None,
+            bytes_acked: stats.bytes_acked,
+            bytes_received: stats.bytes_received,
+            retransmits: stats.total_retrans,
+            srtt_us: stats.srtt_us,
+            sk_err: None,
+            resets: None,
+            evidence: None,
         }
     }
 
     /// Column titles matching [`ConnectionReport::line`].
     pub fn header() -> String {
         format!(
-            "{:<12} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
+            "{:<12} {:<10} {:<22} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
             "TIME",
+            "NETNS",
+            "OWNER",
             "ROLE",
             "LOCAL",
             "REMOTE",
@@ -125,22 +285,26 @@ impl ConnectionReport {
 
     /// One human-readable line.
     pub fn line(&self) -> String {
-        let time = self.closed_at.get(11..23).unwrap_or(&self.closed_at);
+        let stamp = self.closed_at.as_deref().or(self.opened_at.as_deref()).unwrap_or("-");
+        let time = stamp.get(11..23).unwrap_or(stamp);
         let duration = self
             .duration_seconds
             .map(|seconds| format!("{:.3}", seconds * 1e3))
             .unwrap_or_else(|| "-".into());
+        let cause_name = self.cause.map_or(self.state.name(), Cause::name);
         let cause = match self.detail {
-            Some(detail) => format!("{}({detail})", self.cause.name()),
-            None => self.cause.name().to_string(),
+            Some(detail) => format!("{cause_name}({detail})"),
+            None => cause_name.to_string(),
         };
         format!(
-            "{:<12} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
+            "{:<12} {:<10} {:<22} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
             time,
+            self.netns,
+            self.owner.short(),
             self.role.name(),
             self.local.to_string(),
             self.remote.to_string(),
-            self.class.name(),
+            self.class.map_or("open", Class::name),
             cause,
             duration,
             self.bytes_acked,

@@ -23,13 +23,15 @@ pub enum TcpState {
     Listen,
     Closing,
     NewSynRecv,
+    /// Bound but neither listening nor connected (socket-diag only, Linux 6.10+).
+    BoundInactive,
     /// A value this version does not know; kept so nothing is silently dropped.
     Unknown,
 }
 
 impl TcpState {
     /// Every state that can be a label value of `observer_tcp_sockets` / transitions.
-    pub const ALL: [TcpState; 13] = [
+    pub const ALL: [TcpState; 14] = [
         TcpState::Established,
         TcpState::SynSent,
         TcpState::SynRecv,
@@ -42,6 +44,7 @@ impl TcpState {
         TcpState::Listen,
         TcpState::Closing,
         TcpState::NewSynRecv,
+        TcpState::BoundInactive,
         TcpState::Unknown,
     ];
 
@@ -59,6 +62,7 @@ impl TcpState {
             10 => Self::Listen,
             11 => Self::Closing,
             12 => Self::NewSynRecv,
+            13 => Self::BoundInactive,
             _ => Self::Unknown,
         }
     }
@@ -78,6 +82,7 @@ impl TcpState {
             Self::Listen => "listen",
             Self::Closing => "closing",
             Self::NewSynRecv => "new_syn_recv",
+            Self::BoundInactive => "bound_inactive",
             Self::Unknown => "unknown",
         }
     }

@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use crate::{
     classify::{self, Close, History, Outcome, ResetSeen, Role, Transition, Verdict},
-    event::{Reset, SocketEvent, SocketId, StateChange},
+    event::{Accepted, Reset, SocketEvent, SocketId, StateChange},
+    owner::Process,
     tcp::TcpState,
 };
 
@@ -53,8 +54,14 @@ pub struct ClosedConnection {
     pub port: u16,
     /// States visited, first to last (`close` last).
     pub states: Vec<TcpState>,
-    /// Open (SYN_SENT / child creation) to F; unknown for sockets opened before us.
+    /// CLOCK_MONOTONIC of the open (SYN_SENT / child creation / listen); unknown for
+    /// sockets opened before we started.
+    pub opened_ns: Option<u64>,
+    /// Open to F; unknown for sockets opened before us.
     pub duration_ns: Option<u64>,
+    /// The process that last made a system call on the socket; unknown if none did
+    /// while we watched.
+    pub owner: Option<Process>,
     pub previous_state: TcpState,
     pub snapshot: crate::event::Snapshot,
     pub resets: Vec<ResetSeen>,
@@ -79,6 +86,22 @@ struct Tracked {
     cookie: u64,
     local: SocketAddr,
     remote: SocketAddr,
+    owner: Option<Process>,
+}
+
+/// A socket still open, as `/connections` lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveSocket {
+    pub netns: u32,
+    pub cookie: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    pub role: Role,
+    pub opened_ns: Option<u64>,
+    pub owner: Option<Process>,
+    /// States visited so far, first to current.
+    pub states: Vec<TcpState>,
 }
 
 impl Tracked {
@@ -91,6 +114,7 @@ impl Tracked {
             cookie: change.cookie,
             local: change.local,
             remote: change.remote,
+            owner: None,
         }
     }
 
@@ -182,7 +206,28 @@ impl Tracker {
                 self.reset(reset, decided);
                 Effect::None
             }
+            SocketEvent::Accepted(accepted) => {
+                self.accepted(accepted);
+                Effect::None
+            }
         }
+    }
+
+    /// Sockets still open (not yet at their final transition), least recent first.
+    pub fn live(&self) -> impl Iterator<Item = LiveSocket> + '_ {
+        self.sockets.iter().rev().filter(|(_, tracked)| !tracked.is_closed()).map(
+            |(_, tracked)| LiveSocket {
+                netns: tracked.netns,
+                cookie: tracked.cookie,
+                local: tracked.local,
+                remote: tracked.remote,
+                state: tracked.state,
+                role: tracked.history.role.unwrap_or(Role::Unknown),
+                opened_ns: tracked.opened_ns,
+                owner: tracked.owner,
+                states: states_visited(tracked),
+            },
+        )
     }
 
     /// Classifies every closed socket whose evidence window ended at or before `now_ns`
@@ -246,6 +291,9 @@ impl Tracker {
             });
         }
         tracked.learn_addresses(change);
+        if change.owner.is_some() {
+            tracked.owner = change.owner;
+        }
         if change.old == change.new {
             return Effect::None;
         }
@@ -263,6 +311,16 @@ impl Tracker {
             self.by_state[state_index(change.new)] += 1;
         }
         Effect::Transition { from: change.old, to: change.new }
+    }
+
+    /// accept() handed the socket to a process. A socket we do not follow (established
+    /// before we started and never seen since) is left alone: we know nothing else of it.
+    fn accepted(&mut self, accepted: &Accepted) {
+        if let Some(tracked) = self.sockets.get_mut(&accepted.socket)
+            && !tracked.is_closed()
+        {
+            tracked.owner = Some(accepted.owner);
+        }
     }
 
     fn reset(&mut self, reset: &Reset, decided: &mut Vec<ClosedConnection>) {
@@ -286,6 +344,7 @@ impl Tracker {
                 cookie: reset.cookie,
                 local: unknown,
                 remote: unknown,
+                owner: None,
             };
             self.insert(reset.socket, placeholder, decided);
         }
@@ -350,6 +409,28 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
             (local, remote) => local.min(remote),
         },
     };
+    let states = states_visited(&tracked);
+    Some(ClosedConnection {
+        closed_at_ns: close.timestamp_ns,
+        netns: tracked.netns,
+        cookie: tracked.cookie,
+        local: tracked.local,
+        remote: tracked.remote,
+        role,
+        verdict,
+        port,
+        states,
+        opened_ns: tracked.opened_ns,
+        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
+        owner: tracked.owner,
+        previous_state: close.previous,
+        snapshot: close.snapshot,
+        resets: tracked.history.resets,
+    })
+}
+
+/// The states a socket went through, first to current.
+fn states_visited(tracked: &Tracked) -> Vec<TcpState> {
     let mut states = Vec::with_capacity(tracked.history.transitions.len() + 1);
     for (index, transition) in tracked.history.transitions.iter().enumerate() {
         // A socket born while we watched starts in its first new state (a client was
@@ -362,21 +443,10 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
             states.push(transition.new);
         }
     }
-    Some(ClosedConnection {
-        closed_at_ns: close.timestamp_ns,
-        netns: tracked.netns,
-        cookie: tracked.cookie,
-        local: tracked.local,
-        remote: tracked.remote,
-        role,
-        verdict,
-        port,
-        states,
-        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
-        previous_state: close.previous,
-        snapshot: close.snapshot,
-        resets: tracked.history.resets,
-    })
+    if states.is_empty() {
+        states.push(tracked.state);
+    }
+    states
 }
 
 #[cfg(test)]
@@ -407,6 +477,7 @@ mod tests {
             local: "10.0.0.1:40000".parse().unwrap(),
             remote: "10.0.0.2:80".parse().unwrap(),
             snapshot: s,
+            owner: None,
         })
     }
 

@@ -169,7 +169,7 @@ impl Daemon {
     /// Verdicts on connections of `namespace`, oldest first.
     pub fn connections(&self, namespace: &Namespace) -> Vec<Connection> {
         let body = self.get(&format!(
-            "/connections?netns={}&after={}",
+            "/connections?status=closed&netns={}&after={}",
             namespace.inode(),
             namespace.first_seq
         ));
@@ -184,7 +184,7 @@ impl Daemon {
 
     /// `seq` of the newest verdict so far.
     pub fn last_seq(&self) -> u64 {
-        let body = self.get("/connections?limit=1");
+        let body = self.get("/connections?status=closed&limit=1");
         let newest: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
         newest.first().and_then(|c| c["seq"].as_u64()).unwrap_or(0)
     }

@@ -204,3 +204,24 @@ fn bpf_linker_uses_llvm_22() -> bool {
     };
     output(Command::new("ldd").arg(path.trim())).is_some_and(|libs| libs.contains("libLLVM.so.22"))
 }
+
+/// Mounts tracefs where the host has not (systemd mounts it on ordinary hosts; minimal
+/// containers and sandboxes may not): observer attaches to the accept() exit
+/// tracepoints through it, to know which process owns each server-side socket.
+pub fn tracefs() -> anyhow::Result<()> {
+    let mounted = ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"]
+        .iter()
+        .any(|path| std::path::Path::new(path).is_dir());
+    if mounted {
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "xtask: tracefs is not mounted and we are not root: owners of accepted sockets \
+             will be unknown (mount -t tracefs nodev /sys/kernel/tracing)"
+        );
+        return Ok(());
+    }
+    println!("xtask: mounting tracefs on /sys/kernel/tracing (owners of accepted sockets)");
+    exec(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}

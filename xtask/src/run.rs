@@ -24,6 +24,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             .args(["build", "--release", "--package", "observer"])
             .env("OBSERVER_BPF_TOOLCHAIN", &tools.bpf_toolchain),
     )?;
+    bootstrap::tracefs()?;
     let binary = target_dir().join("release/observer");
     let mut command = if is_root() || !on_path("sudo") {
         Command::new(&binary)

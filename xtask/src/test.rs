@@ -36,6 +36,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             );
         }
         bootstrap::test_tools()?;
+        bootstrap::tracefs()?;
     }
     let with_toolchain = |command: &mut std::process::Command| {
         command.env("OBSERVER_BPF_TOOLCHAIN", &tools.bpf_toolchain);

@@ -1,0 +1,356 @@
+//! Every TCP socket of every network namespace on the host, as the kernel's socket-diag
+//! netlink interface lists them — the same source and the same counts as `ss -tan`.
+//!
+//! The tracepoint never shows TIME_WAIT sockets (they are mini-sockets, not `struct
+//! sock`) nor sockets that existed before the daemon started, so the live state counts
+//! come from here, not from counting transitions. A dump runs on a short-lived thread
+//! that enters each namespace in turn (`setns` changes only the calling thread, and a
+//! netlink socket answers for the namespace it was created in); the thread then exits,
+//! so no other thread ever runs in a foreign namespace and no namespace is kept alive.
+//!
+//! Namespaces seen: the daemon's own, the named ones under `/run/netns`, and those of
+//! every running process (`/proc/<pid>/ns/net`), deduplicated by inode.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::{
+    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+use crate::tcp::TcpState;
+
+/// One socket as socket-diag reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiagSocket {
+    /// Request sockets (NEW_SYN_RECV) are reported as SYN_RECV, as `ss` shows them.
+    pub state: TcpState,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Socket cookie: the value `bpf_get_socket_cookie` gives the same socket.
+    pub cookie: u64,
+    /// Socket inode (0 for TIME_WAIT and request sockets, which have no file).
+    pub inode: u32,
+    pub stats: Option<TcpStats>,
+}
+
+/// Counters from the socket's `struct tcp_info` (stable uapi layout).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub total_retrans: u32,
+    pub srtt_us: u32,
+}
+
+impl TcpStats {
+    /// Offsets in `struct tcp_info` (include/uapi/linux/tcp.h), unchanged since 4.x.
+    fn parse(info: &[u8]) -> Option<Self> {
+        let u32_at = |at: usize| Some(u32::from_ne_bytes(info.get(at..at + 4)?.try_into().ok()?));
+        let u64_at = |at: usize| Some(u64::from_ne_bytes(info.get(at..at + 8)?.try_into().ok()?));
+        Some(Self {
+            srtt_us: u32_at(68)?,
+            total_retrans: u32_at(100)?,
+            bytes_acked: u64_at(120)?,
+            bytes_received: u64_at(128)?,
+        })
+    }
+}
+
+/// The sockets of one network namespace.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceSockets {
+    /// Inode of the namespace (as in `readlink /proc/PID/ns/net`).
+    pub netns: u32,
+    pub sockets: Vec<DiagSocket>,
+}
+
+impl NamespaceSockets {
+    /// The service port of a socket: its local port if something in this namespace
+    /// listens on it (the server side), else the remote one.
+    pub fn service_port(&self, listening: &HashSet<u16>, socket: &DiagSocket) -> u16 {
+        if listening.contains(&socket.local.port()) {
+            socket.local.port()
+        } else {
+            socket.remote.port()
+        }
+    }
+
+    pub fn listening_ports(&self) -> HashSet<u16> {
+        self.sockets
+            .iter()
+            .filter(|s| s.state == TcpState::Listen)
+            .map(|s| s.local.port())
+            .collect()
+    }
+}
+
+/// A dump of every namespace, with how long each socket has been in its state.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub namespaces: Vec<NamespaceSockets>,
+    /// (netns, cookie) → seconds in the current state (see [`Inventory`]).
+    pub ages: HashMap<(u32, u64), f64>,
+    /// Namespaces that could not be entered or dumped.
+    pub failures: u64,
+}
+
+impl Snapshot {
+    pub fn age_seconds(&self, netns: u32, socket: &DiagSocket) -> f64 {
+        self.ages.get(&(netns, socket.cookie)).copied().unwrap_or(0.0)
+    }
+}
+
+/// The latest [`Snapshot`], refreshed on demand, and when each socket was first seen in
+/// its current state.
+///
+/// Ages are measured from the first dump that showed the socket in that state, so
+/// they are exact to the refresh interval for sockets that changed state while the
+/// daemon ran, and lower bounds (time since the daemon's first dump) for older ones.
+pub struct Inventory {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    taken_at: Option<Instant>,
+    latest: Arc<Snapshot>,
+    first_seen: HashMap<(u32, u64), (TcpState, Instant)>,
+}
+
+impl Default for Inventory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inventory {
+    pub fn new() -> Self {
+        Self { state: Mutex::new(State::default()) }
+    }
+
+    /// The latest snapshot, taken anew if it is older than `max_age` (blocking: call
+    /// from a blocking thread).
+    pub fn refresh(&self, max_age: Duration) -> Arc<Snapshot> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.taken_at.is_some_and(|at| at.elapsed() < max_age) {
+            return Arc::clone(&state.latest);
+        }
+        let now = Instant::now();
+        let (namespaces, failures) = dump_all_namespaces();
+        let mut first_seen = HashMap::with_capacity(state.first_seen.len());
+        let mut ages = HashMap::new();
+        for namespace in &namespaces {
+            for socket in &namespace.sockets {
+                let key = (namespace.netns, socket.cookie);
+                let since = match state.first_seen.get(&key) {
+                    Some((seen_state, since)) if *seen_state == socket.state => *since,
+                    _ => now,
+                };
+                first_seen.insert(key, (socket.state, since));
+                ages.insert(key, now.duration_since(since).as_secs_f64());
+            }
+        }
+        state.first_seen = first_seen;
+        state.latest = Arc::new(Snapshot { namespaces, ages, failures });
+        state.taken_at = Some(now);
+        Arc::clone(&state.latest)
+    }
+
+    /// The latest snapshot without refreshing.
+    pub fn latest(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.state.lock().unwrap_or_else(PoisonError::into_inner).latest)
+    }
+}
+
+/// Network namespaces visible from here: (inode, a path that opens it).
+pub fn network_namespaces() -> Vec<(u32, PathBuf)> {
+    let mut candidates = vec![PathBuf::from("/proc/self/ns/net")];
+    for directory in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(directory) {
+            candidates.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+                candidates.push(entry.path().join("ns/net"));
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    candidates
+        .into_iter()
+        .filter_map(|path| {
+            // Processes come and go, and named namespaces are removed: skip what vanished.
+            let inode = std::fs::metadata(&path).ok()?.ino() as u32;
+            seen.insert(inode).then_some((inode, path))
+        })
+        .collect()
+}
+
+/// Dumps every namespace on a thread of its own (see the module documentation).
+fn dump_all_namespaces() -> (Vec<NamespaceSockets>, u64) {
+    let dumper = std::thread::Builder::new().name("inventory".into()).spawn(|| {
+        let mut namespaces = Vec::new();
+        let mut failures = 0;
+        for (netns, path) in network_namespaces() {
+            match enter_and_dump(&path) {
+                Ok(sockets) => namespaces.push(NamespaceSockets { netns, sockets }),
+                Err(error) => {
+                    log::debug!("cannot list the sockets of {}: {error}", path.display());
+                    failures += 1;
+                }
+            }
+        }
+        (namespaces, failures)
+    });
+    match dumper.map(|thread| thread.join()) {
+        Ok(Ok(result)) => result,
+        _ => {
+            log::warn!("the socket inventory thread failed");
+            (Vec::new(), 1)
+        }
+    }
+}
+
+fn enter_and_dump(path: &std::path::Path) -> io::Result<Vec<DiagSocket>> {
+    let namespace = File::open(path)?;
+    nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    dump_tcp_sockets()
+}
+
+/// Every TCP socket of the calling thread's network namespace, both families.
+pub fn dump_tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut sockets = Vec::new();
+    for (family, any) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
+        dump_family(&socket, family, any, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+/// All states `ss -a` asks for, TCP_ESTABLISHED (1) to TCP_BOUND_INACTIVE (13).
+const ALL_STATES: u32 = (1 << 14) - 2;
+
+fn dump_family(
+    socket: &Socket,
+    family: u8,
+    any: SocketId,
+    out: &mut Vec<DiagSocket>,
+) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::from_bits_retain(ALL_STATES),
+            socket_id: any,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buffer = vec![0; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0)?;
+
+    let mut receive = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut receive[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
+                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let id = &response.header.socket_id;
+                    let stats = response.nlas.iter().find_map(|nla| match nla {
+                        Nla::TcpInfo(info) => TcpStats::parse(info),
+                        _ => None,
+                    });
+                    let state = match TcpState::from_kernel(u32::from(response.header.state)) {
+                        TcpState::NewSynRecv => TcpState::SynRecv,
+                        state => state,
+                    };
+                    out.push(DiagSocket {
+                        state,
+                        local: SocketAddr::new(id.source_address, id.source_port),
+                        remote: SocketAddr::new(id.destination_address, id.destination_port),
+                        cookie: u64::from_ne_bytes(id.cookie),
+                        inode: response.header.inode,
+                        stats,
+                    });
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(error) => {
+                    return Err(io::Error::other(format!("sock_diag: {error:?}")));
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Needs no privilege: dumping one's own namespace is allowed to everyone.
+    #[test]
+    fn lists_a_connection_of_our_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let sockets = dump_tcp_sockets().expect("sock_diag dump");
+        let local = client.local_addr().unwrap();
+        let found = sockets.iter().find(|s| s.local == local).expect("our client socket");
+        assert_eq!(found.state, TcpState::Established);
+        assert_eq!(found.remote, listener.local_addr().unwrap());
+        assert_ne!(found.cookie, 0);
+        assert!(found.stats.is_some());
+        assert!(
+            sockets
+                .iter()
+                .any(|s| s.state == TcpState::Listen && s.local == listener.local_addr().unwrap())
+        );
+    }
+
+    #[test]
+    fn parses_tcp_info_counters() {
+        let mut info = vec![0u8; 232];
+        info[68..72].copy_from_slice(&1234u32.to_ne_bytes());
+        info[100..104].copy_from_slice(&3u32.to_ne_bytes());
+        info[120..128].copy_from_slice(&1000u64.to_ne_bytes());
+        info[128..136].copy_from_slice(&2000u64.to_ne_bytes());
+        let stats = TcpStats::parse(&info).unwrap();
+        assert_eq!(
+            stats,
+            TcpStats { srtt_us: 1234, total_retrans: 3, bytes_acked: 1000, bytes_received: 2000 }
+        );
+        assert_eq!(TcpStats::parse(&info[..100]), None);
+    }
+}
