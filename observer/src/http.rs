@@ -159,8 +159,14 @@ impl Filter {
             && self.port.is_none_or(|port| report.port == port)
             && self.netns.is_none_or(|netns| report.netns == netns)
             && self.pid.is_none_or(|pid| report.owner.pid() == Some(pid))
-            && self.class.as_deref().is_none_or(|class| report.class.is_some_and(|c| c.name() == class))
-            && self.cause.as_deref().is_none_or(|cause| report.cause.is_some_and(|c| c.name() == cause))
+            && self
+                .class
+                .as_deref()
+                .is_none_or(|class| report.class.is_some_and(|c| c.name() == class))
+            && self
+                .cause
+                .as_deref()
+                .is_none_or(|cause| report.cause.is_some_and(|c| c.name() == cause))
     }
 }
 
@@ -173,7 +179,8 @@ async fn connections(
     let mut selected = Vec::new();
     if filter.status != StatusFilter::Closed && filter.after.is_none() {
         let snapshot = state.inventory().await;
-        selected.extend(open_connections(&state, &snapshot).into_iter().filter(|r| filter.matches(r)));
+        selected
+            .extend(open_connections(&state, &snapshot).into_iter().filter(|r| filter.matches(r)));
     }
     if filter.status != StatusFilter::Open {
         let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
@@ -191,7 +198,8 @@ async fn connections(
 /// with the inventory's counters, then those only the inventory knows (older than the
 /// daemon and quiet since, TIME_WAIT).
 fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionReport> {
-    let live: Vec<_> = state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
+    let live: Vec<_> =
+        state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
     let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
     let mut by_tuple: HashMap<(u32, SocketAddr, SocketAddr), (u64, usize)> = HashMap::new();
     let listening: Vec<_> = snapshot.namespaces.iter().map(|n| n.listening_ports()).collect();
@@ -218,7 +226,9 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
             Role::Server => socket.local.port(),
             Role::Client => socket.remote.port(),
             Role::Unknown => match found {
-                Some((diag, index)) => snapshot.namespaces[*index].service_port(&listening[*index], diag),
+                Some((diag, index)) => {
+                    snapshot.namespaces[*index].service_port(&listening[*index], diag)
+                }
                 None => socket.local.port().min(socket.remote.port()),
             },
         };

@@ -262,7 +262,8 @@ impl Metrics {
         }
         if self.close_labels.comm {
             let comm = closed.owner.map_or_else(|| "unknown".into(), |o| o.comm.to_string());
-            values.push(self.comm_values.lock().unwrap_or_else(PoisonError::into_inner).label(&comm));
+            values
+                .push(self.comm_values.lock().unwrap_or_else(PoisonError::into_inner).label(&comm));
         }
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
         self.closes.with_label_values(&values).inc();

@@ -191,7 +191,9 @@ mod tests {
     fn finds_container_ids_of_common_runtimes() {
         for path in [
             format!("/system.slice/docker-{ID}.scope"),
-            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{ID}.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{ID}.scope"
+            ),
             format!("/machine.slice/libpod-{ID}.scope/container"),
             format!("/docker/{ID}"),
             format!("/kubepods/besteffort/pod7/{ID}"),

@@ -53,14 +53,8 @@ impl<S: Sink> Pipeline<S> {
         metrics: Arc<Metrics>,
         sink: S,
     ) -> Self {
-        let state = Running {
-            decoder,
-            tracker,
-            metrics,
-            sink,
-            decided: Vec::new(),
-            lost_read_at: 0,
-        };
+        let state =
+            Running { decoder, tracker, metrics, sink, decided: Vec::new(), lost_read_at: 0 };
         Self { attached, state }
     }
 

@@ -215,8 +215,8 @@ impl Tracker {
 
     /// Sockets still open (not yet at their final transition), least recent first.
     pub fn live(&self) -> impl Iterator<Item = LiveSocket> + '_ {
-        self.sockets.iter().rev().filter(|(_, tracked)| !tracked.is_closed()).map(
-            |(_, tracked)| LiveSocket {
+        self.sockets.iter().rev().filter(|(_, tracked)| !tracked.is_closed()).map(|(_, tracked)| {
+            LiveSocket {
                 netns: tracked.netns,
                 cookie: tracked.cookie,
                 local: tracked.local,
@@ -226,8 +226,8 @@ impl Tracker {
                 opened_ns: tracked.opened_ns,
                 owner: tracked.owner,
                 states: states_visited(tracked),
-            },
-        )
+            }
+        })
     }
 
     /// Classifies every closed socket whose evidence window ended at or before `now_ns`

@@ -147,11 +147,20 @@ pub struct Connection {
     pub bytes_received: u64,
     #[serde(default)]
     pub duration_seconds: Option<f64>,
+    /// `{"pid", "comm", "cgroup", "container_id"}` or `"unknown"`.
+    #[serde(default)]
+    pub owner: serde_json::Value,
 }
 
 impl Connection {
     pub fn verdict(&self) -> (&str, &str) {
         (self.class.as_str(), self.cause.as_str())
+    }
+
+    /// (pid, comm) of the owner, or None for "unknown".
+    pub fn owner(&self) -> Option<(u32, String)> {
+        let pid = self.owner.get("pid")?.as_u64()? as u32;
+        Some((pid, self.owner.get("comm")?.as_str()?.to_string()))
     }
 }
 

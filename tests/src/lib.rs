@@ -6,6 +6,7 @@
 //! All scenarios are compiled into this library's test binary (one binary to copy into a
 //! VM); each lives in `src/tests/<topic>.rs`.
 
+pub mod actor;
 pub mod daemon;
 pub mod net;
 pub mod record;

@@ -3,6 +3,8 @@
 mod cli;
 mod exposition;
 mod graceful;
+mod inventory;
+mod owners;
 mod resets;
 mod scale;
 mod timeouts;

@@ -1,0 +1,103 @@
+//! Separate processes that own the test's sockets, so a test can check that the daemon
+//! names the right process for each side of a connection.
+//!
+//! An [`Actor`] is a forked child with its own name (`comm`), running a script inside a
+//! network namespace. It talks to the test over two pipes: the script calls
+//! [`Cue::ready`] when it reached a point the test waits for, and [`Cue::wait`] to
+//! pause until the test says go. Fork (rather than a helper binary) keeps the suite one
+//! binary, as the VM tests need.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    os::fd::OwnedFd,
+    panic::AssertUnwindSafe,
+};
+
+use nix::{
+    sys::wait::{WaitStatus, waitpid},
+    unistd::{ForkResult, Pid, fork, pipe},
+};
+
+use crate::net::Namespace;
+
+/// The child's end of the conversation.
+pub struct Cue {
+    from_test: File,
+    to_test: File,
+}
+
+impl Cue {
+    /// Tells the test this step is done.
+    pub fn ready(&mut self) {
+        self.to_test.write_all(b"r").expect("tell the test");
+    }
+
+    /// Waits until the test says go.
+    pub fn wait(&mut self) {
+        let mut byte = [0u8];
+        self.from_test.read_exact(&mut byte).expect("hear from the test");
+    }
+}
+
+pub struct Actor {
+    pub pid: u32,
+    to_child: File,
+    from_child: File,
+    name: String,
+}
+
+impl Actor {
+    /// Forks a process called `name` (at most 15 bytes) that enters `namespace` and runs
+    /// `script`.
+    pub fn spawn(name: &str, namespace: &Namespace, script: impl FnOnce(&mut Cue)) -> Actor {
+        assert!(name.len() <= 15, "comm holds 15 bytes");
+        let (child_reads, test_writes) = pipe().expect("pipe");
+        let (test_reads, child_writes) = pipe().expect("pipe");
+        let comm = std::ffi::CString::new(name).expect("name");
+        // SAFETY: the child only runs the script and exits; glibc keeps malloc usable
+        // after fork, and the script makes plain system calls.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                drop((test_writes, test_reads));
+                // SAFETY: PR_SET_NAME with a NUL-terminated string.
+                unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
+                let mut cue =
+                    Cue { from_test: File::from(child_reads), to_test: File::from(child_writes) };
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    namespace.enter(|| script(&mut cue));
+                }));
+                // SAFETY: leave without running the test harness's atexit handlers.
+                unsafe { libc::_exit(if outcome.is_ok() { 0 } else { 1 }) }
+            }
+            ForkResult::Parent { child } => {
+                drop::<(OwnedFd, OwnedFd)>((child_reads, child_writes));
+                Actor {
+                    pid: child.as_raw() as u32,
+                    to_child: File::from(test_writes),
+                    from_child: File::from(test_reads),
+                    name: name.to_string(),
+                }
+            }
+        }
+    }
+
+    /// Waits for the script's next [`Cue::ready`].
+    pub fn until_ready(&mut self) {
+        let mut byte = [0u8];
+        self.from_child
+            .read_exact(&mut byte)
+            .unwrap_or_else(|error| panic!("{} ended early ({error})", self.name));
+    }
+
+    /// Lets the script past its next [`Cue::wait`].
+    pub fn go(&mut self) {
+        self.to_child.write_all(b"g").expect("tell the actor");
+    }
+
+    /// Waits for the script to finish; panics if it failed.
+    pub fn join(self) {
+        let status = waitpid(Pid::from_raw(self.pid as i32), None).expect("waitpid");
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{} failed: {status:?}", self.name);
+    }
+}

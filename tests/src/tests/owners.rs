@@ -1,0 +1,101 @@
+//! Who owns each socket: the process named in every verdict, on both sides of a
+//! connection, including closes the kernel makes in softirq or a timer (a peer's RST, a
+//! retransmission timeout) on behalf of whichever task it interrupted.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    time::Duration,
+};
+
+use crate::{
+    actor::Actor,
+    daemon::{Connection, daemon},
+    net::{Pair, SERVER_V4},
+    sock,
+};
+
+const PORT: u16 = 7601;
+
+#[test]
+fn every_verdict_names_the_owning_process_on_both_sides() {
+    let pair = Pair::new();
+    let mut server = Actor::spawn("obs-server", &pair.server, |cue| {
+        let listener = TcpListener::bind((SERVER_V4, PORT)).expect("bind");
+        cue.ready();
+        // 1: the client closes first; we read to the end and close (passive FIN).
+        let (first, _) = listener.accept().expect("accept");
+        sock::read_to_end(&first);
+        drop(first);
+        // 2: we reset it (SO_LINGER {1, 0}); the client receives the RST in softirq.
+        let (second, _) = listener.accept().expect("accept");
+        sock::set_linger_zero(&second);
+        drop(second);
+        // 3: held open while the client times out, then reset too.
+        let (third, _) = listener.accept().expect("accept");
+        cue.ready();
+        cue.wait();
+        sock::set_linger_zero(&third);
+        drop(third);
+    });
+    server.until_ready();
+
+    let mut client = Actor::spawn("obs-client", &pair.client, |cue| {
+        let mut first = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
+        first.write_all(b"hello").expect("write");
+        drop(first);
+        let mut second = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
+        let mut buffer = [0u8; 16];
+        let reset = second.read(&mut buffer).expect_err("the server resets");
+        assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset);
+        drop(second);
+        let mut third = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
+        sock::set_user_timeout(&third, Duration::from_millis(500));
+        cue.ready();
+        cue.wait();
+        third.write_all(b"into the void").expect("write");
+        let timeout = third.read(&mut buffer).expect_err("the connection times out");
+        assert_eq!(timeout.raw_os_error(), Some(libc::ETIMEDOUT));
+        drop(third);
+    });
+    let (client_pid, server_pid) = (client.pid, server.pid);
+    client.until_ready();
+    server.until_ready();
+    pair.black_hole();
+    client.go();
+    client.join();
+    server.go();
+    server.join();
+
+    // Verdicts come in the order the connections reached CLOSE, which differs from the
+    // order they were opened in: compare them sorted.
+    let client_side = daemon().verdicts(&pair.client, 3);
+    assert_eq!(
+        sorted_verdicts(&client_side, "client"),
+        [("fin", "active"), ("rst", "received"), ("timeout", "retransmit")]
+    );
+    for verdict in &client_side {
+        assert_owner(verdict, client_pid, "obs-client", &pair.client);
+    }
+    let server_side = daemon().verdicts(&pair.server, 3);
+    assert_eq!(
+        sorted_verdicts(&server_side, "server"),
+        [("fin", "passive"), ("rst", "linger_zero"), ("rst", "linger_zero")]
+    );
+    for verdict in &server_side {
+        assert_owner(verdict, server_pid, "obs-server", &pair.server);
+    }
+}
+
+fn sorted_verdicts<'a>(verdicts: &'a [Connection], role: &str) -> Vec<(&'a str, &'a str)> {
+    assert!(verdicts.iter().all(|v| v.role == role), "roles: {verdicts:#?}");
+    let mut pairs: Vec<_> = verdicts.iter().map(Connection::verdict).collect();
+    pairs.sort();
+    pairs
+}
+
+#[track_caller]
+fn assert_owner(verdict: &Connection, pid: u32, comm: &str, namespace: &crate::net::Namespace) {
+    assert_eq!(verdict.owner(), Some((pid, comm.to_string())), "owner of {verdict:#?}");
+    assert_eq!(verdict.netns, namespace.inode(), "netns of {verdict:#?}");
+}
