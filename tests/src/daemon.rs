@@ -129,6 +129,8 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 /// One closed connection as `/connections` reports it (the fields tests look at).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Connection {
+    /// Absent outside the daemon (`observer watch --json`).
+    #[serde(default)]
     pub seq: u64,
     pub closed_at: String,
     pub netns: u64,

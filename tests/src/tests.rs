@@ -5,6 +5,7 @@ mod exposition;
 mod graceful;
 mod inventory;
 mod owners;
+mod records;
 mod resets;
 mod scale;
 mod timeouts;
