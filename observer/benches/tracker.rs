@@ -18,6 +18,7 @@ use std::{
 
 use observer::{
     event::{Snapshot, SocketEvent, StateChange},
+    owner::{Comm, Process},
     tcp::{SockFlags, TcpState},
     tracker::Tracker,
 };
@@ -61,6 +62,13 @@ fn change(socket: u64, ts: u64, old: TcpState, new: TcpState, snapshot: Snapshot
         local: SocketAddr::from(([10, 0, 0, 1], (socket % 60000) as u16 + 1024)),
         remote: SocketAddr::from(([10, 0, 0, 2], 443)),
         snapshot,
+        // connect() and close() name the process, as in the kernel.
+        owner: matches!(new, TcpState::SynSent | TcpState::FinWait1).then_some(Process {
+            pid: 4242,
+            tid: 4242,
+            comm: Comm::from("client"),
+            cgroup_id: 1,
+        }),
     })
 }
 
@@ -118,6 +126,7 @@ fn event_time(event: &SocketEvent) -> u64 {
     match event {
         SocketEvent::State(change) => change.timestamp_ns,
         SocketEvent::Reset(reset) => reset.timestamp_ns,
+        SocketEvent::Accepted(accepted) => accepted.timestamp_ns,
     }
 }
 

@@ -357,7 +357,7 @@ pub fn tracefs() -> Option<&'static Path> {
 }
 
 /// Byte offset of `field` in the records of a classic tracepoint, from its tracefs
-/// `format` file (lines like `field:long ret;	offset:16;	size:8;	signed:1;`).
+/// `format` file (lines like `field:long ret; offset:16; size:8; signed:1;`, tab-separated).
 pub fn tracepoint_field_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';').map(str::trim);

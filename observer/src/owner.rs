@@ -33,7 +33,7 @@ pub struct Process {
 impl Process {
     /// `None` where the kernel side captured nothing (pid 0).
     pub fn from_kernel(owner: &observer_common::Owner) -> Option<Self> {
-        (owner.pid != 0).then(|| Self {
+        (owner.pid != 0).then_some(Self {
             pid: owner.pid,
             tid: owner.tid,
             comm: Comm(owner.comm),
