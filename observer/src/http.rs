@@ -235,11 +235,28 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         let stats = found.and_then(|(diag, _)| diag.stats);
         reports.push(ConnectionReport::open(socket, stats, port, &state.clock, &mut cgroups));
     }
+    drop(cgroups);
+    // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
+    // continues, which already has its verdict: that one knows the role and the owner.
+    let recent = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
+    let judged: HashMap<(u32, u64), &ConnectionReport> = recent
+        .reports
+        .iter()
+        .filter(|report| report.cookie != 0)
+        .map(|report| ((report.netns, report.cookie), report))
+        .collect();
     for (index, namespace) in snapshot.namespaces.iter().enumerate() {
         for socket in &namespace.sockets {
             if !listed.contains(&(namespace.netns, socket.cookie)) {
                 let port = namespace.service_port(&listening[index], socket);
-                reports.push(ConnectionReport::inventoried(namespace.netns, socket, port));
+                let mut report = ConnectionReport::inventoried(namespace.netns, socket, port);
+                if let Some(closed) = judged.get(&(namespace.netns, socket.cookie)) {
+                    report.role = closed.role;
+                    report.port = closed.port;
+                    report.owner = closed.owner.clone();
+                    report.opened_at = closed.opened_at.clone();
+                }
+                reports.push(report);
             }
         }
     }
