@@ -178,6 +178,16 @@ pub struct ProgramConfig {
     /// Index of the `enum sk_rst_reason reason` argument of `tcp_send_reset` (6.10+),
     /// or [`ABSENT`]; taken from the tracepoint's BTF prototype.
     pub send_reset_reason_arg: u32,
+    /// Non-zero once the daemon filled this in; the programs do nothing until then.
+    pub valid: u32,
+}
+
+/// What the programs need to name a socket's owner, patched in like [`ProgramConfig`]
+/// (`TASK_CONFIG`). Kept apart so the state programs, which copy their configuration
+/// onto the 512-byte BPF stack, only load it when they capture an owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskConfig {
     /// From the file descriptor `accept()` returned to its socket:
     /// `current->files->fdt->{max_fds, fd[]}`, `file->private_data` (the `struct socket`),
     /// `socket->file` (checked to point back: the file really is a socket) and
@@ -185,8 +195,31 @@ pub struct ProgramConfig {
     pub fd_walk: FdWalk,
     /// Offset of `long ret` in the `sys_exit_accept*` record (from the tracefs format).
     pub accept_ret: u32,
-    /// Non-zero once the daemon filled this in; the programs do nothing until then.
-    pub valid: u32,
+    /// `task_struct.group_leader` and `task_struct.comm`: the owner is named after its
+    /// process (the main thread), as `ps` and `ss -p` name it, not after the thread
+    /// that made the call (`tokio-runtime-w`…).
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    pub _pad: u32,
+}
+
+impl TaskConfig {
+    pub const UNSET: Self = Self {
+        fd_walk: FdWalk {
+            task_files: ABSENT,
+            files_fdt: ABSENT,
+            fdt_max_fds: ABSENT,
+            fdt_fd: ABSENT,
+            file_private_data: ABSENT,
+            socket_file: ABSENT,
+            socket_sk: ABSENT,
+            _pad: 0,
+        },
+        accept_ret: ABSENT,
+        task_group_leader: ABSENT,
+        task_comm: ABSENT,
+        _pad: 0,
+    };
 }
 
 impl ProgramConfig {
@@ -199,17 +232,6 @@ impl ProgramConfig {
         protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
         state: ABSENT,
         send_reset_reason_arg: ABSENT,
-        fd_walk: FdWalk {
-            task_files: ABSENT,
-            files_fdt: ABSENT,
-            fdt_max_fds: ABSENT,
-            fdt_fd: ABSENT,
-            file_private_data: ABSENT,
-            socket_file: ABSENT,
-            socket_sk: ABSENT,
-            _pad: 0,
-        },
-        accept_ret: ABSENT,
         valid: 0,
     };
 }
@@ -241,7 +263,7 @@ pub struct Owner {
     pub tid: u32,
     /// cgroup v2 id (`bpf_get_current_cgroup_id`): the inode of its cgroupfs directory.
     pub cgroup_id: u64,
-    /// `task->comm`, NUL-padded.
+    /// The process's name (its main thread's `comm`), NUL-padded.
     pub comm: [u8; 16],
 }
 
@@ -317,10 +339,13 @@ const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
     align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3 + 8 + 1));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3));
+const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] integers and arrays without padding (sizes asserted above).
     unsafe impl aya::Pod for super::ProgramConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TaskConfig {}
 }

@@ -37,12 +37,16 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use observer_common::{
     ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, Owner, OwnerEvent, ProgramConfig,
-    ResetEvent, SockField, StateEvent,
+    ResetEvent, SockField, StateEvent, TaskConfig,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
 #[unsafe(no_mangle)]
 static CONFIG: Global<ProgramConfig> = Global::new(ProgramConfig::UNSET);
+
+/// How to name a socket's owner, filled in by the daemon before load.
+#[unsafe(no_mangle)]
+static TASK_CONFIG: Global<TaskConfig> = Global::new(TaskConfig::UNSET);
 
 /// Records for the daemon. The daemon sizes it at load time (`--bpf.ring-buffer-bytes`).
 #[map]
@@ -243,13 +247,20 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: *mut c_v
 /// `owner` must be valid for writes.
 #[inline(always)]
 unsafe fn write_current_owner(owner: *mut Owner) {
+    let config = TASK_CONFIG.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     unsafe {
         (*owner).pid = (pid_tgid >> 32) as u32;
         (*owner).tid = pid_tgid as u32;
         (*owner).cgroup_id = bpf_get_current_cgroup_id();
-        // Zero-fills on failure.
-        bpf_get_current_comm(addr_of_mut!((*owner).comm).cast(), 16);
+        let comm = addr_of_mut!((*owner).comm).cast::<c_void>();
+        // The process's name is its main thread's; both reads zero-fill on failure.
+        let leader = read_pointer(bpf_get_current_task(), config.task_group_leader);
+        if leader == 0 || config.task_comm == ABSENT {
+            bpf_get_current_comm(comm, 16);
+        } else {
+            bpf_probe_read_kernel(comm, 16, (leader + config.task_comm as u64) as *const c_void);
+        }
     }
 }
 
@@ -269,17 +280,18 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// table and record who owns it.
 #[inline(always)]
 fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
-    if config.accept_ret == ABSENT {
+    let task_config = TASK_CONFIG.load();
+    if task_config.accept_ret == ABSENT {
         return;
     }
     // SAFETY: `accept_ret` is the offset of `long ret` in this record (tracefs format).
-    let Ok(fd) = (unsafe { ctx.read_at::<i64>(config.accept_ret as usize) }) else {
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(task_config.accept_ret as usize) }) else {
         return;
     };
     if fd < 0 {
         return;
     }
-    let walk = &config.fd_walk;
+    let walk = &task_config.fd_walk;
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() };
     let fdt = read_pointer(read_pointer(task, walk.task_files), walk.files_fdt);

@@ -298,6 +298,7 @@ mod tests {
         reset_reasons.insert(14, ResetReason::TcpState);
         KernelLayout {
             config: ProgramConfig { valid: 1, ..ProgramConfig::UNSET },
+            task_config: observer_common::TaskConfig::UNSET,
             fields,
             reset_reasons,
             missing: vec![],

@@ -12,7 +12,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, BitField, FdWalk, ProgramConfig, SockField};
+use observer_common::{ABSENT, BitField, FdWalk, ProgramConfig, SockField, TaskConfig};
 
 use crate::{error::Error, tcp::ResetReason};
 
@@ -59,6 +59,8 @@ impl FieldDecoder {
 pub struct KernelLayout {
     /// Patched into the eBPF object before load.
     pub config: ProgramConfig,
+    /// Also patched in: how to name owners (`accept_ret` is filled in by the loader).
+    pub task_config: TaskConfig,
     /// One decoder per [`SockField`], same order.
     pub fields: [FieldDecoder; SockField::COUNT],
     /// `enum sk_rst_reason` value → reason (empty before 6.10).
@@ -185,7 +187,8 @@ impl KernelLayout {
         let reset_reasons = resolver.enum_values("sk_rst_reason");
 
         let offset = |root, path: &[&str]| byte_offset(root, path).unwrap_or(ABSENT);
-        config.fd_walk = FdWalk {
+        let mut task_config = TaskConfig::UNSET;
+        task_config.fd_walk = FdWalk {
             task_files: offset("task_struct", &["files"]),
             files_fdt: offset("files_struct", &["fdt"]),
             fdt_max_fds: offset("fdtable", &["max_fds"]),
@@ -195,7 +198,9 @@ impl KernelLayout {
             socket_sk: offset("socket", &["sk"]),
             _pad: 0,
         };
-        let walk = config.fd_walk;
+        task_config.task_group_leader = offset("task_struct", &["group_leader"]);
+        task_config.task_comm = offset("task_struct", &["comm"]);
+        let walk = task_config.fd_walk;
         let walk_offsets = [
             walk.task_files,
             walk.files_fdt,
@@ -210,7 +215,7 @@ impl KernelLayout {
         }
         config.valid = 1;
 
-        Ok(Self { config, fields, reset_reasons, missing })
+        Ok(Self { config, task_config, fields, reset_reasons, missing })
     }
 
     pub fn decoder(&self, field: SockField) -> FieldDecoder {

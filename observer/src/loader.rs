@@ -133,15 +133,16 @@ const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
 pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
     raise_memlock_limit();
-    let mut config = layout.config;
+    let mut task_config = layout.task_config;
     let accept_format = accept_record_offset();
     match &accept_format {
-        Ok(offset) => config.accept_ret = *offset,
+        Ok(offset) => task_config.accept_ret = *offset,
         Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
     }
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &config, true)
+        .override_global("CONFIG", &layout.config, true)
+        .override_global("TASK_CONFIG", &task_config, true)
         .override_global(aya_log::LEVEL, &KERNEL_LOG_LEVEL_WARN, false)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(object)
