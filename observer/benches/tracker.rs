@@ -18,6 +18,7 @@ use std::{
 
 use observer::{
     event::{Snapshot, SocketEvent, StateChange},
+    inventory::Inventory,
     owner::{Comm, Process},
     tcp::{SockFlags, TcpState},
     tracker::Tracker,
@@ -192,8 +193,36 @@ fn bounded_under_churn() {
     );
 }
 
+/// Heap the socket inventory keeps per kernel socket (snapshot and first-seen times),
+/// with real loopback connections in this process's namespace.
+fn inventory_memory() {
+    const CONNECTIONS: usize = 5_000;
+    let limit = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
+    // SAFETY: plain syscall with a valid pointer; failure only limits the bench.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let address = listener.local_addr().unwrap();
+    let mut connections = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let client = std::net::TcpStream::connect(address).expect("connect");
+        connections.push((client, listener.accept().expect("accept").0));
+    }
+    let inventory = Inventory::new();
+    let before = heap();
+    let snapshot = inventory.refresh(std::time::Duration::ZERO);
+    let sockets: usize = snapshot.namespaces.iter().map(|n| n.sockets.len()).sum();
+    let per_socket = (heap() - before) as f64 / sockets as f64;
+    println!(
+        "inventory: {sockets} kernel sockets in {} namespaces, {per_socket:.0} heap bytes each \
+         (snapshot and first-seen times)",
+        snapshot.namespaces.len()
+    );
+    black_box((&snapshot, &connections));
+}
+
 fn main() {
     throughput();
     memory_per_socket();
     bounded_under_churn();
+    inventory_memory();
 }

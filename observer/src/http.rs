@@ -249,7 +249,8 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         for socket in &namespace.sockets {
             if !listed.contains(&(namespace.netns, socket.cookie)) {
                 let port = namespace.service_port(&listening[index], socket);
-                let mut report = ConnectionReport::inventoried(namespace.netns, socket, port);
+                let role = namespace.role(&listening[index], socket);
+                let mut report = ConnectionReport::inventoried(namespace.netns, socket, port, role);
                 if let Some(closed) = judged.get(&(namespace.netns, socket.cookie)) {
                     report.role = closed.role;
                     report.port = closed.port;

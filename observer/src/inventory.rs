@@ -31,7 +31,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::tcp::TcpState;
+use crate::{classify::Role, tcp::TcpState};
 
 /// One socket as socket-diag reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,6 +86,21 @@ impl NamespaceSockets {
             socket.local.port()
         } else {
             socket.remote.port()
+        }
+    }
+
+    /// What a dump alone tells of a socket's role: on a port this namespace listens on,
+    /// it is the server side (a child of that listener); talking to a listener of this
+    /// same namespace over loopback, the client. Anything else is unknown.
+    pub fn role(&self, listening: &HashSet<u16>, socket: &DiagSocket) -> Role {
+        if socket.state == TcpState::Listen {
+            Role::Unknown
+        } else if listening.contains(&socket.local.port()) {
+            Role::Server
+        } else if socket.remote.ip().is_loopback() && listening.contains(&socket.remote.port()) {
+            Role::Client
+        } else {
+            Role::Unknown
         }
     }
 

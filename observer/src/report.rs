@@ -232,8 +232,9 @@ impl ConnectionReport {
     }
 
     /// A socket only the inventory knows: older than the daemon and quiet since, or in
-    /// TIME_WAIT. Its owner and open time are unknown.
-    pub fn inventoried(netns: u32, socket: &DiagSocket, service_port: u16) -> Self {
+    /// TIME_WAIT. Its owner and open time are unknown; its role only where the dump
+    /// shows it (see [`crate::inventory::NamespaceSockets::role`]).
+    pub fn inventoried(netns: u32, socket: &DiagSocket, service_port: u16, role: Role) -> Self {
         let stats = socket.stats.unwrap_or_default();
         Self {
             seq: None,
@@ -246,7 +247,7 @@ impl ConnectionReport {
             family: family(&socket.local),
             local: socket.local,
             remote: socket.remote,
-            role: Role::Unknown,
+            role,
             port: service_port,
             owner: OwnerReport::Unknown("unknown"),
             class: None,

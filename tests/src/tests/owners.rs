@@ -99,3 +99,36 @@ fn assert_owner(verdict: &Connection, pid: u32, comm: &str, namespace: &crate::n
     assert_eq!(verdict.owner(), Some((pid, comm.to_string())), "owner of {verdict:#?}");
     assert_eq!(verdict.netns, namespace.inode(), "netns of {verdict:#?}");
 }
+
+/// With `--metrics.comm-label --metrics.netns-label`, closes are counted per process name
+/// and namespace too.
+#[test]
+fn optional_labels_name_the_process_and_namespace() {
+    const LABELED_PORT: u16 = 7604;
+    let labeled = crate::daemon::Daemon::start(
+        "labels",
+        &["--metrics.comm-label".into(), "--metrics.netns-label".into()],
+    );
+    let pair = Pair::new();
+    let listener = pair.listen(LABELED_PORT);
+    let client = Actor::spawn("obs-labeled", &pair.client, |_| {
+        let stream = TcpStream::connect((SERVER_V4, LABELED_PORT)).expect("connect");
+        sock::set_linger_zero(&stream);
+        drop(stream);
+    });
+    drop(listener.accept().expect("accept"));
+    client.join();
+    let netns = pair.client.inode().to_string();
+    let labels = [
+        ("class", "rst"),
+        ("cause", "linger_zero"),
+        ("comm", "obs-labeled"),
+        ("netns", netns.as_str()),
+    ];
+    let counted = crate::daemon::wait_until(crate::daemon::VERDICT_TIMEOUT, || {
+        labeled.metric_sum("observer_tcp_closes_total", &labels) == 1.0
+    });
+    let exposition = labeled.get("/metrics");
+    labeled.stop();
+    assert!(counted, "no close labelled {labels:?}:\n{exposition}");
+}
