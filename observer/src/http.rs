@@ -24,8 +24,8 @@ use crate::{
     classify::Role,
     inventory::{DiagSocket, Inventory, Snapshot},
     metrics::Metrics,
-    owner::CgroupNames,
-    report::{Clock, ConnectionReport, Status},
+    owner::{CgroupNames, Process},
+    report::{Clock, ConnectionReport, OwnerReport, Status},
     tracker::Tracker,
 };
 
@@ -75,6 +75,9 @@ pub struct AppState {
     pub tracker: Arc<Mutex<Tracker>>,
     pub inventory: Arc<Inventory>,
     pub cgroups: Arc<Mutex<CgroupNames>>,
+    /// Who held each socket (by inode) when the daemon started, for sockets older than
+    /// it that no system call has touched since.
+    pub startup_holders: Arc<HashMap<u32, Process>>,
     pub clock: Clock,
 }
 
@@ -235,7 +238,6 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         let stats = found.and_then(|(diag, _)| diag.stats);
         reports.push(ConnectionReport::open(socket, stats, port, &state.clock, &mut cgroups));
     }
-    drop(cgroups);
     // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
     // continues, which already has its verdict: that one knows the role and the owner.
     let recent = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
@@ -256,6 +258,8 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
                     report.port = closed.port;
                     report.owner = closed.owner.clone();
                     report.opened_at = closed.opened_at.clone();
+                } else if let Some(holder) = state.startup_holders.get(&socket.inode) {
+                    report.owner = OwnerReport::new(Some(holder), &mut cgroups);
                 }
                 reports.push(report);
             }

@@ -165,6 +165,9 @@ pub async fn run_daemon(
             );
         }
     }
+    // Sockets older than the daemon: who holds them now is the best owner there is.
+    let startup_holders =
+        Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
     spawn_inventory_refresh(
         Arc::clone(&inventory),
         Arc::clone(&metrics),
@@ -179,6 +182,7 @@ pub async fn run_daemon(
         tracker: Arc::clone(&tracker),
         inventory,
         cgroups: Arc::clone(&cgroups),
+        startup_holders,
         clock,
     });
     let server_stop = shutdown.clone();
