@@ -168,6 +168,10 @@ pub async fn run_daemon(
     // Sockets older than the daemon: who holds them now is the best owner there is.
     let startup_holders =
         Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
+    tracker
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_preexisting_owners(owners_by_cookie(&inventory.latest(), &startup_holders));
     spawn_inventory_refresh(
         Arc::clone(&inventory),
         Arc::clone(&metrics),
@@ -204,6 +208,19 @@ pub async fn run_daemon(
         Err(join) => log::error!("HTTP server task failed: {join}"),
     }
     result
+}
+
+/// The startup holders of the inventoried sockets, by cookie (the key events carry).
+fn owners_by_cookie(
+    snapshot: &inventory::Snapshot,
+    holders: &std::collections::HashMap<u32, owner::Process>,
+) -> std::collections::HashMap<u64, owner::Process> {
+    snapshot
+        .namespaces
+        .iter()
+        .flat_map(|namespace| &namespace.sockets)
+        .filter_map(|socket| Some((socket.cookie, *holders.get(&socket.inode)?)))
+        .collect()
 }
 
 /// Refreshes the socket inventory every `interval` (ages stay precise between scrapes).

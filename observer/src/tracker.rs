@@ -153,6 +153,9 @@ pub struct TrackerStats {
 
 pub struct Tracker {
     sockets: LruCache<SocketId, Tracked>,
+    /// Owners of sockets older than the daemon, by cookie (from the startup descriptor
+    /// scan), taken when such a socket is first seen.
+    preexisting_owners: std::collections::HashMap<u64, Process>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
     /// Live sockets per current state (for `observer_tcp_sockets`).
@@ -168,10 +171,16 @@ impl Tracker {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             sockets: LruCache::new(capacity),
+            preexisting_owners: std::collections::HashMap::new(),
             closing: VecDeque::new(),
             by_state: [0; TcpState::ALL.len()],
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Owners of the sockets that existed when the daemon started, by cookie.
+    pub fn set_preexisting_owners(&mut self, owners: std::collections::HashMap<u64, Process>) {
+        self.preexisting_owners = owners;
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -277,7 +286,9 @@ impl Tracker {
             }
             // First sight of a socket opened before we started.
             self.settle_previous_lifetime(change.socket, decided);
-            self.insert(change.socket, Tracked::new(None, None, change), decided);
+            let mut tracked = Tracked::new(None, None, change);
+            tracked.owner = self.preexisting_owners.remove(&change.cookie);
+            self.insert(change.socket, tracked, decided);
         }
 
         let Some(tracked) = self.sockets.get_mut(&change.socket) else {
@@ -344,7 +355,7 @@ impl Tracker {
                 cookie: reset.cookie,
                 local: unknown,
                 remote: unknown,
-                owner: None,
+                owner: self.preexisting_owners.remove(&reset.cookie),
             };
             self.insert(reset.socket, placeholder, decided);
         }
@@ -606,6 +617,19 @@ mod tests {
         t.flush(&mut decided);
         assert!(decided.is_empty());
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn sockets_older_than_the_daemon_get_their_startup_owner() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let owner = Process { pid: 77, tid: 77, comm: "psql".into(), cgroup_id: 0 };
+        t.set_preexisting_owners([(7, owner)].into_iter().collect());
+        let received_reset = Snapshot { sk_err: 104, ..Snapshot::default() };
+        let mut decided = feed(&mut t, &[change(SOCK, 1, Established, Close, received_reset)]);
+        t.flush(&mut decided);
+        assert_eq!(decided.len(), 1);
+        assert_eq!(decided[0].owner, Some(owner));
     }
 
     #[test]

@@ -129,6 +129,22 @@ fn state_counts_match_ss_per_namespace_also_after_a_restart() {
             && c["owner"]["pid"] == std::process::id()),
         "{open:#?}"
     );
+
+    // A connection older than this daemon, reset by the peer: the kernel closes it in
+    // softirq, yet the verdict names the process that held it when the daemon started.
+    let (client, server) = keep.pop().unwrap();
+    sock::set_linger_zero(&client);
+    drop(client);
+    let mut verdicts = Vec::new();
+    let judged = wait_until(crate::daemon::VERDICT_TIMEOUT, || {
+        let body = second.get(&format!("/connections?status=closed&netns={server_netns}"));
+        verdicts = serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap();
+        !verdicts.is_empty()
+    });
     second.stop();
-    drop((keep, leaked, listener));
+    assert!(judged, "no verdict for the reset connection");
+    assert_eq!(verdicts.len(), 1, "{verdicts:#?}");
+    assert_eq!((&verdicts[0]["class"], &verdicts[0]["cause"]), (&"rst".into(), &"received".into()));
+    assert_eq!(verdicts[0]["owner"]["pid"], std::process::id(), "{verdicts:#?}");
+    drop((server, keep, leaked, listener));
 }
