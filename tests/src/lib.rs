@@ -8,6 +8,7 @@
 
 pub mod daemon;
 pub mod net;
+pub mod prometheus;
 pub mod record;
 pub mod sock;
 
