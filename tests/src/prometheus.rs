@@ -72,9 +72,10 @@ impl Prometheus {
             .expect("prometheus (Debian package prometheus)");
         let prometheus = Self { child, url: format!("http://127.0.0.1:{port}"), dir };
         let ready = wait_until(Duration::from_secs(30), || {
-            agent().get(&format!("{}/-/ready", prometheus.url)).call().is_ok_and(|response| {
-                response.status().is_success()
-            })
+            agent()
+                .get(&format!("{}/-/ready", prometheus.url))
+                .call()
+                .is_ok_and(|response| response.status().is_success())
         });
         assert!(ready, "Prometheus did not become ready:\n{}", prometheus.log());
         prometheus
