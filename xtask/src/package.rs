@@ -20,7 +20,7 @@ use crate::{
 /// Files the package must install.
 const PACKAGED: [&str; 7] = [
     "./usr/bin/observer",
-    "./lib/systemd/system/observer.service",
+    "./usr/lib/systemd/system/observer.service",
     "./etc/default/observer",
     "./usr/share/man/man1/observer.1.gz",
     "./usr/share/doc/observer/README.md",
@@ -116,7 +116,7 @@ fn check_package(deb: &Path) -> anyhow::Result<()> {
     )?;
     ensure!(manual.contains("web.listen-address"), "the man page lacks the flags:\n{manual}");
     println!("xtask: systemd-analyze verify (the packaged unit, in the unpacked package)");
-    deploy::verify_unit(&root, "/lib/systemd/system/observer.service")?;
+    deploy::verify_unit(&root, "/usr/lib/systemd/system/observer.service")?;
     fs::remove_dir_all(&root)?;
     Ok(())
 }
