@@ -9,6 +9,7 @@
 pub mod actor;
 pub mod daemon;
 pub mod net;
+pub mod prometheus;
 pub mod record;
 pub mod sock;
 

@@ -1,6 +1,7 @@
 //! One module per family of endings; each test builds its own namespaces.
 
 mod cli;
+mod dashboard;
 mod exposition;
 mod graceful;
 mod inventory;

@@ -225,3 +225,86 @@ pub fn tracefs() -> anyhow::Result<()> {
     println!("xtask: mounting tracefs on /sys/kernel/tracing (owners of accepted sockets)");
     exec(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
+
+/// cargo-deb, pinned so that the package is built the same way everywhere.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// What `cargo xtask package` needs besides the build tools: cargo-deb (crates.io),
+/// help2man (the man page, from `--help`), dpkg-shlibdeps (the package's library
+/// dependencies) and systemd-analyze (verifies the packaged unit).
+pub fn package_tools() -> anyhow::Result<()> {
+    let missing = missing_packages(&[
+        ("help2man", "help2man"),
+        ("dpkg-shlibdeps", "dpkg-dev"),
+        ("systemd-analyze", "systemd"),
+    ]);
+    Apt::default().install(&missing, "cargo xtask package")?;
+    let version = output(Command::new("cargo").args(["deb", "--version"])).unwrap_or_default();
+    if version.trim() != format!("cargo-deb {CARGO_DEB_VERSION}") {
+        println!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (builds the Debian package)");
+        exec(Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+            "--force",
+        ]))
+        .context("installing cargo-deb")?;
+    }
+    Ok(())
+}
+
+/// Python packages of the deploy/ checks, pinned: kubernetes-validate carries the
+/// Kubernetes API schemas (it works offline), cloudcoil's models carry the
+/// prometheus-operator CRD schemas (v0.80.1).
+const DEPLOY_CHECK_PYTHON_PACKAGES: [&str; 3] = [
+    "kubernetes-validate==1.37.0",
+    "cloudcoil==0.6.0",
+    "cloudcoil.models.prometheus_operator==0.80.1.0",
+];
+
+/// Debian's interpreter, not whatever `python3` a user's PATH prefers.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Tools of the deploy/ checks: promtool, systemd-analyze, setpriv, and a Python venv under
+/// target/ with [`DEPLOY_CHECK_PYTHON_PACKAGES`]. Returns the venv's directory.
+pub fn deploy_check_tools() -> anyhow::Result<std::path::PathBuf> {
+    let mut missing = missing_packages(&[
+        ("promtool", "prometheus"),
+        ("systemd-analyze", "systemd"),
+        ("setpriv", "util-linux"),
+    ]);
+    // `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
+    for package in ["python3", "python3-venv"] {
+        if !package_installed(package) && !missing.contains(&package) {
+            missing.push(package);
+        }
+    }
+    Apt::default().install(&missing, "the deploy/ checks")?;
+
+    let venv = crate::command::target_dir().join("deploy-check-venv");
+    let stamp = venv.join("xtask-installed.txt");
+    let wanted = DEPLOY_CHECK_PYTHON_PACKAGES.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|installed| installed == wanted) {
+        return Ok(venv);
+    }
+    println!(
+        "xtask: installing {} into {} (pip, once)",
+        DEPLOY_CHECK_PYTHON_PACKAGES.join(" "),
+        venv.display()
+    );
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .with_context(|| format!("removing the stale {}", venv.display()))?;
+    }
+    exec(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&venv))?;
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(DEPLOY_CHECK_PYTHON_PACKAGES),
+    )
+    .context("installing the Python packages of the deploy/ checks")?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(venv)
+}

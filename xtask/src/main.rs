@@ -9,12 +9,15 @@
 //!   QEMU guests running other kernels.
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
+//! * `cargo xtask package`: build and check the Debian package (cargo-deb).
 //!
 //! All start with [`bootstrap`], which installs only what is missing and says so.
 
 mod bench;
 mod bootstrap;
 mod command;
+mod deploy;
+mod package;
 mod record;
 mod run;
 mod test;
@@ -44,6 +47,8 @@ enum Command {
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
     /// under observer/tests/streams/<kernel release>/ (needs root).
     Record,
+    /// Build the Debian package (cargo-deb): binary, systemd unit, flags file, man page.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Record => record::run(),
         Command::Bench => bench::run(),
         Command::VmTest(options) => vm::run(options),
+        Command::Package => package::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

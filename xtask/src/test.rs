@@ -83,6 +83,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if unit_only {
         return Ok(());
     }
+    crate::deploy::run(&tools.bpf_toolchain)?;
 
     println!("xtask: integration scenarios (real kernel, network namespaces)");
     integration(&tools.bpf_toolchain, &harness_args, None)

@@ -2,14 +2,15 @@
 
 use std::{
     io::Write as _,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use super::assert_verdict;
 use crate::{
-    daemon::{daemon, free_port, wait_until},
+    daemon::{daemon, wait_until},
     net::Pair,
+    prometheus::Prometheus,
 };
 
 #[test]
@@ -45,66 +46,6 @@ fn promtool_accepts_the_exposition() {
         "observer_build_info",
     ] {
         assert!(exposition.contains(&format!("\n{name}")), "{name} missing");
-    }
-}
-
-/// A real Prometheus server, started on loopback, scrapes the daemon.
-struct Prometheus {
-    child: Child,
-    url: String,
-    _data: TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("observer-prometheus-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let data = TempDir(dir.clone());
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: observer\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("log")).unwrap())
-            .spawn()
-            .expect("prometheus (Debian package prometheus)");
-        Self { child, url: format!("http://127.0.0.1:{port}"), _data: data }
-    }
-
-    /// The value of an instant query returning one series, if it does yet.
-    fn query(&self, expression: &str) -> Option<f64> {
-        let mut response = ureq::get(&format!("{}/api/v1/query", self.url))
-            .query("query", expression)
-            .call()
-            .ok()?;
-        let body: serde_json::Value =
-            serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()?;
-        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
     }
 }
 
