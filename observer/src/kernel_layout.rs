@@ -39,7 +39,8 @@ impl FieldDecoder {
         if !self.present || self.bits == 0 {
             return 0;
         }
-        let value = raw >> self.shift;
+        // A corrupt BTF could claim any shift: out of range reads as 0, never a panic.
+        let value = raw.checked_shr(u32::from(self.shift)).unwrap_or(0);
         if self.bits >= 64 { value } else { value & ((1u64 << self.bits) - 1) }
     }
 
