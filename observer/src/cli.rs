@@ -78,6 +78,17 @@ pub struct CommonArgs {
         global = true
     )]
     pub ring_buffer_bytes: u32,
+
+    /// Kernel BTF to read instead of the running kernel's (for tests of a missing or
+    /// corrupt BTF; the programs still load into the running kernel).
+    #[arg(
+        long = "debug.btf-path",
+        value_name = "PATH",
+        default_value = crate::kernel_layout::VMLINUX_BTF,
+        hide = true,
+        global = true
+    )]
+    pub btf_path: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

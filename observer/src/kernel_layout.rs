@@ -120,12 +120,18 @@ fn is_required(field: SockField) -> bool {
 impl KernelLayout {
     /// Reads the running kernel's BTF.
     pub fn from_running_kernel() -> Result<Self, Error> {
-        let path = Path::new(VMLINUX_BTF);
+        Self::from_btf_file(Path::new(VMLINUX_BTF))
+    }
+
+    /// Reads the kernel BTF at `path` (`--debug.btf-path`; the running kernel's by default).
+    pub fn from_btf_file(path: &Path) -> Result<Self, Error> {
         if !path.exists() {
-            return Err(Error::NoBtf { path: VMLINUX_BTF });
+            return Err(Error::NoBtf { path: path.to_path_buf() });
         }
-        let btf = Btf::from_file(path)
-            .map_err(|source| Error::BtfParse { path: VMLINUX_BTF, reason: source.to_string() })?;
+        let btf = Btf::from_file(path).map_err(|source| Error::BtfParse {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        })?;
         Self::from_btf(&btf)
     }
 

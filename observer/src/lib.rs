@@ -60,11 +60,11 @@ use crate::{
 /// Checks privileges and the kernel, then loads and attaches the programs.
 fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error> {
     loader::check_privileges()?;
-    let layout = KernelLayout::from_running_kernel()?;
+    let layout = KernelLayout::from_btf_file(&common.btf_path)?;
     if !layout.missing.is_empty() {
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
-    let attached = loader::load(&layout, common.ring_buffer_bytes)?;
+    let attached = loader::load(&layout, common.ring_buffer_bytes, &common.btf_path)?;
     Ok((layout, attached))
 }
 
@@ -126,11 +126,13 @@ pub async fn run_daemon(
             })?)),
             None => None,
         };
-    let (layout, attached) = attach(&common)?;
+    // Cheap checks first: a busy port is reported before the programs are loaded.
+    loader::check_privileges()?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
+    let (layout, attached) = attach(&common)?;
 
     let metrics = Arc::new(Metrics::new(args.max_ports));
     let recent = Arc::new(RecentConnections::new(args.max_recent));

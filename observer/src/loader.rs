@@ -124,7 +124,11 @@ pub fn check_privileges() -> Result<(), Error> {
     Err(Error::Privileges { missing: missing.join(", ") })
 }
 
-pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
+pub fn load(
+    layout: &KernelLayout,
+    ring_buffer_bytes: u32,
+    btf_path: &std::path::Path,
+) -> Result<Attached, Error> {
     raise_memlock_limit();
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
     let mut ebpf = EbpfLoader::new()
@@ -134,9 +138,8 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         .load(object)
         .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
 
-    let btf = aya::Btf::from_sys_fs().map_err(|error| Error::BtfParse {
-        path: crate::kernel_layout::VMLINUX_BTF,
-        reason: error.to_string(),
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|error| {
+        Error::BtfParse { path: btf_path.to_path_buf(), reason: error.to_string() }
     })?;
     let mut primaries = Vec::new();
     for (tracepoint, candidates) in PROGRAMS {

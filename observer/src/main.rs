@@ -44,5 +44,5 @@ fn main() -> ExitCode {
 
 fn fail(error: &Error) -> ExitCode {
     eprintln!("observer: {error}");
-    ExitCode::from(error.exit_code() as u8)
+    ExitCode::from(error.exit_code())
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod exposition;
+mod faults;
 mod graceful;
 mod resets;
 mod scale;
