@@ -89,6 +89,11 @@ pub struct CommonArgs {
         global = true
     )]
     pub btf_path: std::path::PathBuf,
+
+    /// Only record sockets of the network namespace with this inode number (tests that
+    /// need exact event counts on a busy host).
+    #[arg(long = "debug.only-netns", value_name = "INODE", hide = true, global = true)]
+    pub only_netns: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]

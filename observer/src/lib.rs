@@ -60,7 +60,8 @@ use crate::{
 /// Checks privileges and the kernel, then loads and attaches the programs.
 fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error> {
     loader::check_privileges()?;
-    let layout = KernelLayout::from_btf_file(&common.btf_path)?;
+    let mut layout = KernelLayout::from_btf_file(&common.btf_path)?;
+    layout.config.only_netns = common.only_netns.unwrap_or(0);
     if !layout.missing.is_empty() {
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
@@ -135,7 +136,8 @@ pub async fn run_daemon(
     let (layout, attached) = attach(&common)?;
 
     let metrics = Arc::new(Metrics::new(args.max_ports));
-    let recent = Arc::new(RecentConnections::new(args.max_recent));
+    let recent =
+        Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
     let healthy = Arc::new(AtomicBool::new(true));
     let app = http::router(AppState {
         metrics: Arc::clone(&metrics),
