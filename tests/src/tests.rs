@@ -4,6 +4,7 @@ mod cli;
 mod exposition;
 mod faults;
 mod graceful;
+mod lifecycle;
 mod loss;
 mod resets;
 mod scale;
