@@ -42,6 +42,11 @@ pub struct DaemonArgs {
     )]
     pub telemetry_path: String,
 
+    /// Path to a web configuration file (exporter-toolkit format) that enables TLS
+    /// and/or basic authentication on every endpoint (docs/security.md).
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config_file: Option<std::path::PathBuf>,
+
     /// Distinct values of the `port` label before further ports become "other".
     #[arg(long = "metrics.max-ports", value_name = "N", default_value_t = 256)]
     pub max_ports: usize,

@@ -32,6 +32,7 @@ pub mod report;
 pub mod shutdown;
 pub mod tcp;
 pub mod tracker;
+pub mod web_config;
 
 use std::{
     fs::File,
@@ -127,7 +128,12 @@ pub async fn run_daemon(
             })?)),
             None => None,
         };
-    // Cheap checks first: a busy port is reported before the programs are loaded.
+    // Cheap checks first: a bad config file or a busy port is reported before the
+    // programs are loaded.
+    let web_config = match &args.web_config_file {
+        Some(path) => web_config::WebConfig::load(path)?,
+        None => web_config::WebConfig::default(),
+    };
     loader::check_privileges()?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
@@ -139,19 +145,39 @@ pub async fn run_daemon(
     let recent =
         Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
     let healthy = Arc::new(AtomicBool::new(true));
-    let app = http::router(AppState {
+    let app = web_config.protect(http::router(AppState {
         metrics: Arc::clone(&metrics),
         recent: Arc::clone(&recent),
         healthy: Arc::clone(&healthy),
         telemetry_path: args.telemetry_path.clone(),
-    });
+    }));
     let server_stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await })
-            .await
-    });
-    log::info!("listening on http://{address}{}", args.telemetry_path);
+    let scheme = if web_config.tls.is_some() { "https" } else { "http" };
+    let server = match web_config.tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        }),
+        Some(tls) => {
+            let listener = listener
+                .into_std()
+                .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let server = axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                server_stop.cancelled().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
+            });
+            tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
+        }
+    };
+    log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
     let sink = DaemonSink { recent, clock: Clock::now(), events_file };
     let pipeline =

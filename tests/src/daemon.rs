@@ -72,6 +72,16 @@ impl Daemon {
 
     /// [`Daemon::start`] with another executable (a wrapper that execs the daemon).
     pub fn start_binary(binary: &std::path::Path, name: &str, extra_args: &[String]) -> Daemon {
+        let daemon = Self::spawn(binary, name, extra_args);
+        let ready = wait_until(Duration::from_secs(30), || {
+            http_agent().get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
+        });
+        assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
+        daemon
+    }
+
+    /// Starts the process without waiting for it to serve (HTTPS, authentication).
+    pub fn spawn(binary: &std::path::Path, name: &str, extra_args: &[String]) -> Daemon {
         let port = free_port();
         let log =
             std::env::temp_dir().join(format!("observer-tests-{}-{name}.log", std::process::id()));
@@ -109,12 +119,7 @@ impl Daemon {
             }
         });
         let pid = receiver.recv().unwrap();
-        let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid, exit };
-        let ready = wait_until(Duration::from_secs(30), || {
-            http_agent().get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
-        });
-        assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
-        daemon
+        Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid, exit }
     }
 
     /// Stops a daemon started with [`Daemon::start`] (SIGTERM, as systemd would).

@@ -10,6 +10,7 @@ mod resets;
 mod scale;
 mod timeouts;
 mod various;
+mod web;
 
 use crate::{
     daemon::{Connection, daemon, wait_until},
