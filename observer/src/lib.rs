@@ -28,6 +28,7 @@ pub mod kernel_layout;
 pub mod loader;
 pub mod metrics;
 pub mod pipeline;
+pub mod privileges;
 pub mod report;
 pub mod shutdown;
 pub mod tcp;
@@ -67,6 +68,7 @@ fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
     let attached = loader::load(&layout, common.ring_buffer_bytes, &common.btf_path)?;
+    privileges::drop_unneeded();
     Ok((layout, attached))
 }
 

@@ -119,3 +119,69 @@ fn runs_without_tracefs() {
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// Capability sets of every thread of `pid`, as (CapPrm, CapEff, CapBnd, CapInh, CapAmb).
+fn capabilities(pid: u32) -> Vec<[u64; 5]> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+                .unwrap()
+        };
+        threads.push(["CapPrm:", "CapEff:", "CapBnd:", "CapInh:", "CapAmb:"].map(field));
+    }
+    threads
+}
+
+const CAP_SYS_PTRACE: u64 = 1 << 19;
+const CAP_SYS_ADMIN: u64 = 1 << 21;
+/// What docs/security.md says the daemon keeps.
+const KEPT: u64 = CAP_SYS_ADMIN | CAP_SYS_PTRACE;
+
+/// As root: after attaching, only CAP_SYS_ADMIN and CAP_SYS_PTRACE remain, in every
+/// set of every thread, bounding set included — and the daemon still works.
+#[test]
+fn drops_capabilities_after_attaching() {
+    let daemon = Daemon::start("caps-root", &[]);
+    let threads = capabilities(daemon.pid);
+    daemon.stop();
+    for sets in threads {
+        assert_eq!(sets, [KEPT, KEPT, KEPT, 0, 0], "CapPrm, CapEff, CapBnd, CapInh, CapAmb");
+    }
+}
+
+/// Under the capability bounding set of the systemd unit (deploy/systemd, issue 7):
+/// loads with what it is given and keeps only the two it needs at run time.
+#[test]
+fn runs_under_the_systemd_bounding_set() {
+    let wrapper = scratch("bounded.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,\
+             +sys_resource,+dac_read_search,+sys_admin,+sys_ptrace -- {} \"$@\"\n",
+            binary().display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&wrapper).status().unwrap();
+    let daemon = Daemon::start_binary(&wrapper, "caps-bounded", &[]);
+    let threads = capabilities(daemon.pid);
+    let metrics = daemon.get("/metrics");
+    daemon.stop();
+    let _ = std::fs::remove_file(&wrapper);
+    assert!(metrics.contains("observer_events_total"));
+    // The unit's set, less what this test itself lacks (a container may, e.g. sys_resource).
+    let unit_set: u64 = [39, 38, 24, 2, 21, 19].iter().map(|cap| 1u64 << cap).sum::<u64>()
+        & capabilities(std::process::id())[0][2];
+    for [permitted, effective, bounding, inheritable, ambient] in threads {
+        assert_eq!((permitted, effective), (KEPT, KEPT));
+        // No CAP_SETPCAP to shrink the bounding set further: it stays the unit's.
+        assert_eq!(bounding, unit_set);
+        assert_eq!((inheritable, ambient), (0, 0));
+    }
+}
