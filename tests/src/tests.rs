@@ -8,6 +8,7 @@ mod lifecycle;
 mod loss;
 mod resets;
 mod scale;
+mod soak;
 mod timeouts;
 mod various;
 mod web;
