@@ -333,9 +333,11 @@ const LIVES: &[(bool, &[(TcpState, TcpState)])] = {
     ]
 };
 
+/// An RST during a life: before which transition (or after the last), sent, reason.
+type PlannedReset = (usize, bool, Option<ResetReason>);
+
 /// One socket lifetime: which life, its snapshots, RSTs on the way.
-fn lifetime()
--> impl Strategy<Value = (usize, Vec<Snapshot>, Vec<(usize, bool, Option<ResetReason>)>)> {
+fn lifetime() -> impl Strategy<Value = (usize, Vec<Snapshot>, Vec<PlannedReset>)> {
     (0..LIVES.len()).prop_flat_map(|life| {
         let steps = LIVES[life].1.len();
         (
