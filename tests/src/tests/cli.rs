@@ -45,14 +45,20 @@ fn explains_an_address_in_use() {
 
 #[test]
 fn rejects_bad_flags() {
-    for args in
-        [&["--no-such-flag"][..], &["--web.listen-address", "nowhere"], &["watch", "--port", "x"]]
-    {
+    for (args, names) in [
+        (&["--no-such-flag"][..], "--no-such-flag"),
+        (&["--web.listen-address", "nowhere"], "--web.listen-address"),
+        (&["watch", "--port", "x"], "--port"),
+        (&["--bpf.ring-buffer-bytes", "12"], "--bpf.ring-buffer-bytes"),
+    ] {
         let output = Command::new(binary()).args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+        let message = stderr_line(&output);
+        assert!(message.starts_with("observer: ") && message.contains(names), "{message}");
     }
+    // --help is not an error.
+    let help = Command::new(binary()).arg("--help").output().unwrap();
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("Usage"));
 }
 
 /// `observer watch --json` prints each verdict as it happens, and stops on SIGTERM.
