@@ -96,3 +96,34 @@ fn tiny_ring_accounts_for_every_event() {
     let log = std::fs::read_to_string(&tiny.log).unwrap();
     assert!(log.contains("ring buffer full"), "no warning in the log:\n{log}");
 }
+
+/// The `/connections` buffer keeps the newest `--connections.max-recent` verdicts and
+/// counts the ones it pushed out.
+#[test]
+fn recent_buffer_overflow_is_counted() {
+    let pair = Pair::new();
+    let daemon = Daemon::start(
+        "recent-overflow",
+        &[
+            "--debug.only-netns".to_string(),
+            pair.client.inode().to_string(),
+            "--connections.max-recent".to_string(),
+            "2".to_string(),
+        ],
+    );
+    let listener = pair.listen(7404);
+    for _ in 0..3 {
+        let client = pair.client.enter(|| TcpStream::connect(Pair::server_addr(7404))).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        sock::set_linger_zero(&client);
+        drop((client, server));
+    }
+    let judged = wait_until(Duration::from_secs(20), || {
+        daemon.metric_sum("observer_tcp_closes_total", &[("port", "7404")]) >= 3.0
+    });
+    assert!(judged, "{}", daemon.log_tail());
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&daemon.get("/connections")).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(daemon.metric_sum("observer_connections_evicted_total", &[]), 1.0);
+    daemon.stop();
+}
