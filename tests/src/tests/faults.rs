@@ -159,11 +159,19 @@ fn drops_capabilities_after_attaching() {
 #[test]
 fn runs_under_the_systemd_bounding_set() {
     let wrapper = scratch("bounded.sh");
+    // util-linux's, by path: busybox's sh would run its own, more limited, applet.
+    let setpriv = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join("setpriv"))
+        .find(|path| path.exists())
+        .expect("setpriv (util-linux) on PATH");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexec setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,\
+            "#!/bin/sh\nexec {} --inh-caps=-all --bounding-set=-all,+bpf,+perfmon,\
              +sys_resource,+dac_read_search,+sys_admin,+sys_ptrace -- {} \"$@\"\n",
+            setpriv.display(),
             binary().display()
         ),
     )

@@ -32,8 +32,16 @@ impl Pki {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         ca_params.distinguished_name.push(DnType::CommonName, "observer test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let ca =
+            CertifiedIssuer::self_signed(ca_params.clone(), KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        // A CA that did not sign the server's certificate.
+        let mut other_params = ca_params;
+        other_params.distinguished_name = rcgen::DistinguishedName::new();
+        other_params.distinguished_name.push(DnType::CommonName, "another CA");
+        let other =
+            CertifiedIssuer::self_signed(other_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("other-ca.crt"), other.pem()).unwrap();
         for (name, san, usage) in [
             ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
             ("client", "prometheus", ExtendedKeyUsagePurpose::ClientAuth),
@@ -135,9 +143,10 @@ fn tls_and_basic_auth_with_curl() {
         assert_eq!(curl(&as_user(&tls, "nobody:s3cret"), &format!("{url}{path}")).0, 401, "{path}");
     }
     // Plain HTTP to the TLS port gets no answer it could read, and the certificate is
-    // checked (no --cacert: curl refuses it, exit 60).
+    // checked (trusting another CA, curl refuses it: exit 60).
     assert!(curl(&[], &daemon.base_url).0 != 200);
-    assert_eq!(curl(&[], &format!("{url}/healthz")).0, -60);
+    let other_ca = pki.path("other-ca.crt");
+    assert_eq!(curl(&["--cacert", &other_ca], &format!("{url}/healthz")).0, -60);
 
     // Timing: median of a few tries each; without the dummy hash an unknown user would
     // be refused in well under a millisecond, a wrong password takes bcrypt's time (and
