@@ -84,9 +84,12 @@ proptest! {
     #[test]
     fn field_decoder_never_panics(decoder in field_decoder(), raw in any::<u64>()) {
         let value = decoder.unsigned(raw);
-        let _ = decoder.signed(raw);
-        if decoder.bits < 64 && decoder.present {
-            prop_assert!(value < 1u64 << decoder.bits.max(1) || decoder.bits == 0);
+        let signed = decoder.signed(raw);
+        if !decoder.present || decoder.bits == 0 {
+            prop_assert_eq!((value, signed), (0, 0));
+        } else if decoder.bits < 64 {
+            // Never wider than the field claims.
+            prop_assert!(value < 1u64 << decoder.bits);
         }
     }
 }
