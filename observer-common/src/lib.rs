@@ -178,6 +178,9 @@ pub struct ProgramConfig {
     /// Index of the `enum sk_rst_reason reason` argument of `tcp_send_reset` (6.10+),
     /// or [`ABSENT`]; taken from the tracepoint's BTF prototype.
     pub send_reset_reason_arg: u32,
+    /// If non-zero, only sockets of the network namespace with this inode number are
+    /// recorded (`--debug.only-netns`: exact accounting in tests on a busy host).
+    pub only_netns: u32,
     /// Non-zero once the daemon filled this in; the programs do nothing until then.
     pub valid: u32,
 }
@@ -232,6 +235,7 @@ impl ProgramConfig {
         protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
         state: ABSENT,
         send_reset_reason_arg: ABSENT,
+        only_netns: 0,
         valid: 0,
     };
 }
@@ -339,7 +343,7 @@ const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
     align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 3));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 4));
 const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]

@@ -364,7 +364,7 @@ fn record_reset(
     answers_packet: bool,
 ) {
     let skaddr = arg_value(ctx, 0);
-    if skaddr == 0 {
+    if skaddr == 0 || !in_followed_netns(config, skaddr) {
         // An RST answering a packet that matched no socket: no connection of ours.
         return;
     }
@@ -422,6 +422,13 @@ fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
     // SAFETY: fault-tolerant read into a local.
     unsafe { read_word(sk, config.protocol.offset, &mut word) };
     ((word >> config.protocol.shift) as u32 & config.protocol.mask) == IPPROTO_TCP
+        && in_followed_netns(config, sk)
+}
+
+/// False only for sockets outside the one namespace `--debug.only-netns` follows.
+#[inline(always)]
+fn in_followed_netns(config: &ProgramConfig, sk: u64) -> bool {
+    config.only_netns == 0 || netns_inode(config, sk) == config.only_netns
 }
 
 /// `sk->__sk_common.skc_net.net->ns.inum`, or 0 without CONFIG_NET_NS.

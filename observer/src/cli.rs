@@ -42,6 +42,11 @@ pub struct DaemonArgs {
     )]
     pub telemetry_path: String,
 
+    /// Path to a web configuration file (exporter-toolkit format) that enables TLS
+    /// and/or basic authentication on every endpoint (docs/security.md).
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config_file: Option<std::path::PathBuf>,
+
     /// Distinct values of the `port` label before further ports become "other".
     #[arg(long = "metrics.max-ports", value_name = "N", default_value_t = 256)]
     pub max_ports: usize,
@@ -101,6 +106,22 @@ pub struct CommonArgs {
         global = true
     )]
     pub ring_buffer_bytes: u32,
+
+    /// Kernel BTF to read instead of the running kernel's (for tests of a missing or
+    /// corrupt BTF; the programs still load into the running kernel).
+    #[arg(
+        long = "debug.btf-path",
+        value_name = "PATH",
+        default_value = crate::kernel_layout::VMLINUX_BTF,
+        hide = true,
+        global = true
+    )]
+    pub btf_path: std::path::PathBuf,
+
+    /// Only record sockets of the network namespace with this inode number (tests that
+    /// need exact event counts on a busy host).
+    #[arg(long = "debug.only-netns", value_name = "INODE", hide = true, global = true)]
+    pub only_netns: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]

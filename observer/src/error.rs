@@ -1,6 +1,6 @@
 //! Errors that stop the daemon, each rendered as one line that says what is missing.
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -11,13 +11,13 @@ pub enum Error {
     Privileges { missing: String },
 
     #[error(
-        "kernel BTF not found at {path}: observer needs a kernel built with \
-         CONFIG_DEBUG_INFO_BTF=y (Linux 5.5+)"
+        "kernel BTF not found at {}: observer needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (Linux 5.5+)", path.display()
     )]
-    NoBtf { path: &'static str },
+    NoBtf { path: PathBuf },
 
-    #[error("cannot parse kernel BTF at {path}: {reason}")]
-    BtfParse { path: &'static str, reason: String },
+    #[error("cannot parse kernel BTF at {}: {reason}", path.display())]
+    BtfParse { path: PathBuf, reason: String },
 
     #[error("this kernel has no `{name}` tracepoint (observer needs Linux 5.10+ with BTF)")]
     MissingTracepoint { name: &'static str },
@@ -41,6 +41,9 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("invalid web config file {}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+
     #[error("{context}: {source}")]
     Io {
         context: &'static str,
@@ -49,12 +52,36 @@ pub enum Error {
     },
 }
 
+/// Process exit codes, one per kind of failure, so that a unit manager or a script can
+/// tell them apart (README "Exit codes"). 2 is clap's, for a bad command line.
+pub mod exit {
+    pub const RUNTIME: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CONFIG: u8 = 3;
+    pub const PRIVILEGES: u8 = 4;
+    pub const NO_BTF: u8 = 5;
+    pub const BAD_BTF: u8 = 6;
+    pub const UNSUPPORTED_KERNEL: u8 = 7;
+    pub const BPF_LOAD: u8 = 8;
+    pub const LISTEN: u8 = 9;
+}
+
 impl Error {
-    /// Process exit code: 2 for missing privileges (as for usage errors), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    /// The process exit code for this failure (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Privileges { .. } => 2,
-            _ => 1,
+            Error::Config { .. } => exit::CONFIG,
+            Error::Privileges { .. } => exit::PRIVILEGES,
+            Error::NoBtf { .. } => exit::NO_BTF,
+            Error::BtfParse { .. } => exit::BAD_BTF,
+            Error::MissingTracepoint { .. } | Error::KernelLayout { .. } => {
+                exit::UNSUPPORTED_KERNEL
+            }
+            Error::LoadProgram { .. } | Error::LoadObject { .. } | Error::Attach { .. } => {
+                exit::BPF_LOAD
+            }
+            Error::Listen { .. } => exit::LISTEN,
+            Error::Io { .. } => exit::RUNTIME,
         }
     }
 }

@@ -150,6 +150,8 @@ pub enum DecodeError {
     UnknownKind { kind: u32 },
     #[error("accept record of {len} bytes without a process")]
     NoOwner { len: usize },
+    #[error("state record with address family {family}, neither AF_INET nor AF_INET6")]
+    UnknownFamily { family: u64 },
 }
 
 /// Turns raw records into [`SocketEvent`]s using the kernel's layout.
@@ -167,7 +169,7 @@ impl Decoder {
     pub fn decode(&self, record: &[u8]) -> Result<SocketEvent, DecodeError> {
         let header: EventHeader = read_record(record)?;
         match EventKind::from_u32(header.kind) {
-            Some(EventKind::State) => Ok(SocketEvent::State(self.state(&read_record(record)?))),
+            Some(EventKind::State) => Ok(SocketEvent::State(self.state(&read_record(record)?)?)),
             Some(EventKind::ResetSent) => {
                 Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Sent)))
             }
@@ -196,7 +198,7 @@ impl Decoder {
         self.fields[field as usize].signed(raw.sock[field as usize])
     }
 
-    fn state(&self, raw: &StateEvent) -> StateChange {
+    fn state(&self, raw: &StateEvent) -> Result<StateChange, DecodeError> {
         let field = |f| self.unsigned(raw, f);
         let family = field(SockField::Family);
         // Ports are stored in network order except skc_num; inet_sport survives unhash.
@@ -207,14 +209,15 @@ impl Decoder {
         let remote_port = u16::from_be(field(SockField::DestinationPort) as u16);
         let (local_ip, remote_ip) = if family == AF_INET6 {
             (IpAddr::V6(Ipv6Addr::from(raw.saddr_v6)), IpAddr::V6(Ipv6Addr::from(raw.daddr_v6)))
-        } else {
-            debug_assert!(family == AF_INET || family == 0, "family {family}");
+        } else if family == AF_INET || family == 0 {
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
             (v4(field(SockField::SourceAddr4)), v4(field(SockField::DestinationAddr4)))
+        } else {
+            return Err(DecodeError::UnknownFamily { family });
         };
         let receive_next = field(SockField::ReceiveNext) as u32;
         let copied = field(SockField::CopiedSeq) as u32;
-        StateChange {
+        Ok(StateChange {
             timestamp_ns: raw.header.timestamp_ns,
             socket: raw.header.skaddr,
             cookie: raw.header.cookie,
@@ -243,7 +246,7 @@ impl Decoder {
                 srtt_us: (field(SockField::SrttUs) as u32) >> 3,
             },
             owner: Process::from_kernel(&raw.owner),
-        }
+        })
     }
 
     fn reset(&self, raw: &ResetEvent, direction: ResetDirection) -> Reset {

@@ -37,6 +37,8 @@ pub const INVENTORY_FRESHNESS: Duration = Duration::from_secs(1);
 pub struct RecentConnections {
     max: usize,
     items: Mutex<Recent>,
+    /// Counts verdicts pushed out by newer ones.
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Default)]
@@ -47,20 +49,37 @@ struct Recent {
 
 impl RecentConnections {
     pub fn new(max: usize) -> Self {
-        Self { max, items: Mutex::new(Recent { next_seq: 1, reports: VecDeque::new() }) }
+        Self {
+            max,
+            items: Mutex::new(Recent { next_seq: 1, reports: VecDeque::new() }),
+            metrics: None,
+        }
+    }
+
+    /// Counts overflow in `observer_connections_evicted_total`.
+    pub fn counting_evictions(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn push(&self, mut report: ConnectionReport) {
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
         report.seq = Some(items.next_seq);
         items.next_seq += 1;
-        if self.max == 0 {
-            return;
-        }
-        if items.reports.len() == self.max {
+        let evicted = if self.max == 0 {
+            true
+        } else if items.reports.len() >= self.max {
             items.reports.pop_front();
+            items.reports.push_back(report);
+            true
+        } else {
+            items.reports.push_back(report);
+            false
+        };
+        drop(items);
+        if evicted && let Some(metrics) = &self.metrics {
+            metrics.record_recent_evicted();
         }
-        items.reports.push_back(report);
     }
 }
 

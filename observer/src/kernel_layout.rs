@@ -39,7 +39,8 @@ impl FieldDecoder {
         if !self.present || self.bits == 0 {
             return 0;
         }
-        let value = raw >> self.shift;
+        // A corrupt BTF could claim any shift: out of range reads as 0, never a panic.
+        let value = raw.checked_shr(u32::from(self.shift)).unwrap_or(0);
         if self.bits >= 64 { value } else { value & ((1u64 << self.bits) - 1) }
     }
 
@@ -121,12 +122,18 @@ fn is_required(field: SockField) -> bool {
 impl KernelLayout {
     /// Reads the running kernel's BTF.
     pub fn from_running_kernel() -> Result<Self, Error> {
-        let path = Path::new(VMLINUX_BTF);
+        Self::from_btf_file(Path::new(VMLINUX_BTF))
+    }
+
+    /// Reads the kernel BTF at `path` (`--debug.btf-path`; the running kernel's by default).
+    pub fn from_btf_file(path: &Path) -> Result<Self, Error> {
         if !path.exists() {
-            return Err(Error::NoBtf { path: VMLINUX_BTF });
+            return Err(Error::NoBtf { path: path.to_path_buf() });
         }
-        let btf = Btf::from_file(path)
-            .map_err(|source| Error::BtfParse { path: VMLINUX_BTF, reason: source.to_string() })?;
+        let btf = Btf::from_file(path).map_err(|source| Error::BtfParse {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        })?;
         Self::from_btf(&btf)
     }
 

@@ -30,10 +30,12 @@ pub mod loader;
 pub mod metrics;
 pub mod owner;
 pub mod pipeline;
+pub mod privileges;
 pub mod report;
 pub mod shutdown;
 pub mod tcp;
 pub mod tracker;
+pub mod web_config;
 
 use std::{
     fs::File,
@@ -64,11 +66,13 @@ use crate::{
 /// Checks privileges and the kernel, then loads and attaches the programs.
 fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error> {
     loader::check_privileges()?;
-    let layout = KernelLayout::from_running_kernel()?;
+    let mut layout = KernelLayout::from_btf_file(&common.btf_path)?;
+    layout.config.only_netns = common.only_netns.unwrap_or(0);
     if !layout.missing.is_empty() {
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
-    let attached = loader::load(&layout, common.ring_buffer_bytes)?;
+    let attached = loader::load(&layout, common.ring_buffer_bytes, &common.btf_path)?;
+    privileges::drop_unneeded();
     Ok((layout, attached))
 }
 
@@ -133,11 +137,18 @@ pub async fn run_daemon(
             })?)),
             None => None,
         };
-    let (layout, attached) = attach(&common)?;
+    // Cheap checks first: a bad config file or a busy port is reported before the
+    // programs are loaded.
+    let web_config = match &args.web_config_file {
+        Some(path) => web_config::WebConfig::load(path)?,
+        None => web_config::WebConfig::default(),
+    };
+    loader::check_privileges()?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
+    let (layout, attached) = attach(&common)?;
 
     let close_labels = CloseLabels {
         netns: args.netns_label,
@@ -145,7 +156,8 @@ pub async fn run_daemon(
         max_values: args.max_label_values,
     };
     let metrics = Arc::new(Metrics::new(args.max_ports, close_labels));
-    let recent = Arc::new(RecentConnections::new(args.max_recent));
+    let recent =
+        Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
     let healthy = Arc::new(AtomicBool::new(true));
     let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
     let inventory = Arc::new(Inventory::new());
@@ -178,7 +190,7 @@ pub async fn run_daemon(
         args.inventory_interval,
         shutdown.clone(),
     );
-    let app = http::router(AppState {
+    let app = web_config.protect(http::router(AppState {
         metrics: Arc::clone(&metrics),
         recent: Arc::clone(&recent),
         healthy: Arc::clone(&healthy),
@@ -188,14 +200,34 @@ pub async fn run_daemon(
         cgroups: Arc::clone(&cgroups),
         startup_holders,
         clock,
-    });
+    }));
     let server_stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await })
-            .await
-    });
-    log::info!("listening on http://{address}{}", args.telemetry_path);
+    let scheme = if web_config.tls.is_some() { "https" } else { "http" };
+    let server = match web_config.tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        }),
+        Some(tls) => {
+            let listener = listener
+                .into_std()
+                .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let server = axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                server_stop.cancelled().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
+            });
+            tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
+        }
+    };
+    log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
     let sink = DaemonSink { recent, clock, cgroups, events_file };
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);

@@ -131,7 +131,11 @@ pub fn check_privileges() -> Result<(), Error> {
 /// per-syscall events exist only in tracefs).
 const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
-pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, Error> {
+pub fn load(
+    layout: &KernelLayout,
+    ring_buffer_bytes: u32,
+    btf_path: &std::path::Path,
+) -> Result<Attached, Error> {
     raise_memlock_limit();
     let mut task_config = layout.task_config;
     let accept_format = accept_record_offset();
@@ -148,9 +152,8 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Attached, E
         .load(object)
         .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
 
-    let btf = aya::Btf::from_sys_fs().map_err(|error| Error::BtfParse {
-        path: crate::kernel_layout::VMLINUX_BTF,
-        reason: error.to_string(),
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|error| {
+        Error::BtfParse { path: btf_path.to_path_buf(), reason: error.to_string() }
     })?;
     let mut primaries = Vec::new();
     for (tracepoint, candidates) in PROGRAMS {

@@ -12,7 +12,12 @@ use observer::{
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print to stdout and exit 0.
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => return usage_error(&error),
+    };
     let level = cli.common.log_level.filter();
     env_logger::Builder::new()
         .filter_level(level)
@@ -42,7 +47,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's message is several lines (tip, usage); ours is its first line.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    let text = error.to_string();
+    let first = text.lines().next().unwrap_or("invalid command line");
+    eprintln!("observer: {} (see observer --help)", first.trim_start_matches("error: "));
+    ExitCode::from(observer::error::exit::USAGE)
+}
+
 fn fail(error: &Error) -> ExitCode {
     eprintln!("observer: {error}");
-    ExitCode::from(error.exit_code() as u8)
+    ExitCode::from(error.exit_code())
 }

@@ -25,6 +25,11 @@ use crate::{
     tracker::{ClosedConnection, TrackerStats},
 };
 
+/// `reason` values of `observer_events_lost_total`.
+pub const LOST_RING_FULL: &str = "ring_full";
+pub const LOST_NESTED: &str = "nested";
+pub const LOST_MALFORMED: &str = "malformed";
+
 /// Label value for ports (and other capped labels) beyond their cap.
 pub const OTHER_PORT: &str = "other";
 
@@ -56,8 +61,9 @@ pub struct Metrics {
     duration: HistogramVec,
     resets: IntCounterVec,
     events: IntCounter,
-    lost: IntCounter,
+    lost: IntCounterVec,
     malformed: IntCounter,
+    recent_evicted: IntCounter,
     dropped_sockets: IntCounterVec,
     tracked: IntGauge,
     ports: Mutex<CappedLabel<u16>>,
@@ -183,10 +189,18 @@ impl Metrics {
             "observer_events_total",
             "Events received from the kernel through the ring buffer.",
         );
-        let lost = counter(
+        let lost = counter_vec(
             &registry,
             "observer_events_lost_total",
-            "Events the kernel could not deliver (ring buffer full or nested run skipped).",
+            "Events lost before the tracker: ring buffer full, nested run the kernel \
+             skipped, or record that could not be decoded.",
+            &["reason"],
+        );
+        let recent_evicted = counter(
+            &registry,
+            "observer_connections_evicted_total",
+            "Verdicts pushed out of the /connections buffer (--connections.max-recent) \
+             by newer ones; they are still counted in observer_tcp_closes_total.",
         );
         let malformed = counter(
             &registry,
@@ -219,6 +233,9 @@ impl Metrics {
         for reason in ["capacity", "replaced"] {
             dropped_sockets.with_label_values(&[reason]);
         }
+        for reason in [LOST_RING_FULL, LOST_NESTED, LOST_MALFORMED] {
+            lost.with_label_values(&[reason]);
+        }
         for class in Class::ALL {
             duration.with_label_values(&[class.name()]);
         }
@@ -238,6 +255,7 @@ impl Metrics {
             events,
             lost,
             malformed,
+            recent_evicted,
             dropped_sockets,
             tracked,
             ports: Mutex::new(CappedLabel::new(max_ports)),
@@ -289,17 +307,27 @@ impl Metrics {
         self.events.inc();
     }
 
+    /// A record that could not be decoded: malformed, and lost to the tracker.
     pub fn record_malformed(&self) {
         self.malformed.inc();
+        self.lost.with_label_values(&[LOST_MALFORMED]).inc();
     }
 
-    /// Brings the lost counter up to the kernel's running total.
-    pub fn set_lost(&self, total: u64) {
-        advance(&self.lost, total);
+    /// Brings the kernel-side lost counters up to the kernel's running totals.
+    pub fn set_lost(&self, ring_full: u64, nested: u64) {
+        advance(&self.lost.with_label_values(&[LOST_RING_FULL]), ring_full);
+        advance(&self.lost.with_label_values(&[LOST_NESTED]), nested);
     }
 
-    pub fn lost(&self) -> u64 {
-        self.lost.get()
+    /// Events lost in the kernel so far (ring buffer full and nested runs).
+    pub fn lost_in_kernel(&self) -> u64 {
+        self.lost.with_label_values(&[LOST_RING_FULL]).get()
+            + self.lost.with_label_values(&[LOST_NESTED]).get()
+    }
+
+    /// A verdict left the /connections buffer to make room for a newer one.
+    pub fn record_recent_evicted(&self) {
+        self.recent_evicted.inc();
     }
 
     pub fn set_tracker(&self, stats: TrackerStats, tracked: usize) {
@@ -464,13 +492,18 @@ mod tests {
     fn exposition_has_the_contract_metrics() {
         let metrics = Metrics::new(4, CloseLabels::default());
         metrics.record_transition(TcpState::Established, TcpState::FinWait1);
-        metrics.set_lost(3);
-        metrics.set_lost(2);
+        metrics.set_lost(3, 1);
+        metrics.set_lost(2, 1);
+        metrics.record_malformed();
         let text = metrics.render();
         for name in [
             "observer_tcp_transitions_total{from=\"established\",to=\"fin_wait1\"} 1",
             "observer_events_total 0",
-            "observer_events_lost_total 3",
+            "observer_events_lost_total{reason=\"ring_full\"} 3",
+            "observer_events_lost_total{reason=\"nested\"} 1",
+            "observer_events_lost_total{reason=\"malformed\"} 1",
+            "observer_events_malformed_total 1",
+            "observer_connections_evicted_total 0",
             "observer_build_info{version=",
             "# TYPE observer_tcp_connection_duration_seconds histogram",
         ] {

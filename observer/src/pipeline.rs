@@ -183,13 +183,13 @@ impl<S: Sink> Running<S> {
         if now_ns.saturating_sub(self.lost_read_at) >= LOST_REFRESH_NS {
             self.lost_read_at = now_ns;
             let (ring_full, skipped) = lost.by_cause();
-            if ring_full + skipped > self.metrics.lost() {
+            if ring_full + skipped > self.metrics.lost_in_kernel() {
                 log::warn!(
                     "events lost so far: {ring_full} with the ring buffer full, {skipped} \
                      skipped by the kernel as nested runs on one CPU"
                 );
             }
-            self.metrics.set_lost(ring_full + skipped);
+            self.metrics.set_lost(ring_full, skipped);
             self.metrics.set_tracker(stats, tracked);
         }
     }

@@ -37,6 +37,15 @@ pub const EVIDENCE_WINDOW_NS: u64 = 100_000_000;
 
 /// Transitions kept per socket; long-lived sockets rarely have more than eight.
 const MAX_TRANSITIONS: usize = 16;
+/// RSTs kept per socket (a connection sees one or two; a flood of them must not grow
+/// memory). Further ones are still counted in the metrics, not kept as evidence.
+const MAX_RESETS: usize = 8;
+
+/// When a socket closed at `closed_ns` is classified (saturating: a timestamp near the
+/// end of the clock, as only a corrupt record could carry, must not wrap or panic).
+fn evidence_deadline(closed_ns: u64) -> u64 {
+    closed_ns.saturating_add(EVIDENCE_WINDOW_NS)
+}
 
 /// A closed connection with its verdict and statistics, as reported everywhere
 /// (metrics, `/connections`, `observer watch`).
@@ -249,7 +258,7 @@ impl Tracker {
             self.closing.pop_front();
             // Stale entries (already settled by reuse or eviction) are skipped.
             let current = self.sockets.peek(&socket).and_then(|t| t.history.close);
-            if current.is_some_and(|c| c.timestamp_ns + EVIDENCE_WINDOW_NS == deadline)
+            if current.is_some_and(|c| evidence_deadline(c.timestamp_ns) == deadline)
                 && let Some(tracked) = self.sockets.pop(&socket)
             {
                 decided.extend(finish(tracked));
@@ -317,7 +326,7 @@ impl Tracker {
                 timestamp_ns: change.timestamp_ns,
                 snapshot: change.snapshot,
             });
-            self.closing.push_back((change.timestamp_ns + EVIDENCE_WINDOW_NS, change.socket));
+            self.closing.push_back((evidence_deadline(change.timestamp_ns), change.socket));
         } else {
             self.by_state[state_index(change.new)] += 1;
         }
@@ -359,7 +368,9 @@ impl Tracker {
             };
             self.insert(reset.socket, placeholder, decided);
         }
-        if let Some(tracked) = self.sockets.get_mut(&reset.socket) {
+        if let Some(tracked) = self.sockets.get_mut(&reset.socket)
+            && tracked.history.resets.len() < MAX_RESETS
+        {
             let after_close = tracked.is_closed();
             tracked.history.resets.push(ResetSeen {
                 direction: reset.direction,

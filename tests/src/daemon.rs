@@ -47,6 +47,8 @@ pub struct Daemon {
     pub base_url: String,
     pub log: PathBuf,
     pub pid: u32,
+    /// Set when the process has exited.
+    pub exit: std::sync::Arc<OnceLock<std::process::ExitStatus>>,
 }
 
 /// The shared daemon, started on first use and killed when the test process exits.
@@ -65,11 +67,28 @@ pub fn daemon() -> &'static Daemon {
 impl Daemon {
     /// Starts an observer daemon with extra flags and waits until it is healthy.
     pub fn start(name: &str, extra_args: &[String]) -> Daemon {
+        Self::start_binary(&binary(), name, extra_args)
+    }
+
+    /// [`Daemon::start`] with another executable (a wrapper that execs the daemon).
+    pub fn start_binary(binary: &std::path::Path, name: &str, extra_args: &[String]) -> Daemon {
+        let daemon = Self::spawn(binary, name, extra_args);
+        let ready = wait_until(Duration::from_secs(30), || {
+            http_agent().get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
+        });
+        assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
+        daemon
+    }
+
+    /// Starts the process without waiting for it to serve (HTTPS, authentication).
+    pub fn spawn(binary: &std::path::Path, name: &str, extra_args: &[String]) -> Daemon {
         let port = free_port();
         let log =
             std::env::temp_dir().join(format!("observer-tests-{}-{name}.log", std::process::id()));
         let (sender, receiver) = mpsc::channel();
-        let binary = binary();
+        let binary = binary.to_path_buf();
+        let exit = std::sync::Arc::new(OnceLock::new());
+        let exit_status = std::sync::Arc::clone(&exit);
         let log_path = log.clone();
         let mut args = vec![
             "--web.listen-address".to_string(),
@@ -95,20 +114,30 @@ impl Daemon {
             sender.send(child.id()).unwrap();
             let status = child.wait();
             eprintln!("observer daemon exited: {status:?}");
+            if let Ok(status) = status {
+                let _ = exit_status.set(status);
+            }
         });
         let pid = receiver.recv().unwrap();
-        let daemon = Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid };
-        let ready = wait_until(Duration::from_secs(30), || {
-            http_agent().get(&format!("{}/healthz", daemon.base_url)).call().is_ok()
-        });
-        assert!(ready, "observer did not become healthy:\n{}", daemon.log_tail());
-        daemon
+        Daemon { base_url: format!("http://127.0.0.1:{port}"), log, pid, exit }
     }
 
     /// Stops a daemon started with [`Daemon::start`] (SIGTERM, as systemd would).
     pub fn stop(&self) {
-        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if self.exit.get().is_none() {
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_until(timeout, || self.exit.get().is_some());
+        self.exit.get().copied()
     }
 }
 

@@ -3,14 +3,19 @@
 mod cli;
 mod dashboard;
 mod exposition;
+mod faults;
 mod graceful;
 mod inventory;
+mod lifecycle;
+mod loss;
 mod owners;
 mod records;
 mod resets;
 mod scale;
+mod soak;
 mod timeouts;
 mod various;
+mod web;
 
 use crate::{
     daemon::{Connection, daemon, wait_until},

@@ -77,7 +77,7 @@ pub fn build_tools() -> anyhow::Result<BuildTools> {
     Ok(BuildTools { bpf_toolchain })
 }
 
-/// Tools the integration tests drive: iproute2 (ip, ss, nstat) and Prometheus.
+/// Tools the integration tests drive: iproute2 (ip, ss, nstat), Prometheus, bpftool, curl.
 pub fn test_tools() -> anyhow::Result<()> {
     let missing = missing_packages(&[
         ("ip", "iproute2"),
@@ -85,6 +85,11 @@ pub fn test_tools() -> anyhow::Result<()> {
         ("nstat", "iproute2"),
         ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
+        // Lifecycle, TLS and privilege tests (issue 6).
+        ("bpftool", "bpftool"),
+        ("curl", "curl"),
+        ("setpriv", "util-linux"),
+        ("unshare", "util-linux"),
     ]);
     Apt::default().install(&missing, "the integration tests")
 }

@@ -7,6 +7,7 @@
 //!
 //! * `cargo xtask vm-test [--kernel 5.10,6.1,6.12|all|PATH]`: the same scenarios inside
 //!   QEMU guests running other kernels.
+//! * `cargo xtask soak`: memory under a socket flood and a 30-minute churn.
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
 //! * `cargo xtask package`: build and check the Debian package (cargo-deb).
@@ -20,6 +21,7 @@ mod deploy;
 mod package;
 mod record;
 mod run;
+mod soak;
 mod test;
 mod vm;
 
@@ -44,6 +46,8 @@ enum Command {
     VmTest(vm::Options),
     /// Print speed and memory figures of the userspace pipeline.
     Bench,
+    /// Memory under a 200k-socket flood and a long steady churn (needs root, slow).
+    Soak(soak::Options),
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
     /// under observer/tests/streams/<kernel release>/ (needs root).
     Record,
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Test(options) => test::run(options),
         Command::Record => record::run(),
         Command::Bench => bench::run(),
+        Command::Soak(options) => soak::run(options),
         Command::VmTest(options) => vm::run(options),
         Command::Package => package::run(),
     };

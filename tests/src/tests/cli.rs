@@ -17,7 +17,7 @@ use crate::{
     sock,
 };
 
-fn stderr_line(output: &Output) -> String {
+pub(super) fn stderr_line(output: &Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
     assert_eq!(stderr.lines().count(), 1, "expected one line on stderr, got:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -27,7 +27,7 @@ fn stderr_line(output: &Output) -> String {
 #[test]
 fn explains_missing_privileges() {
     let output = Command::new(binary()).uid(65534).gid(65534).output().unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(4));
     let message = stderr_line(&output);
     assert!(message.contains("CAP_BPF") && message.contains("CAP_PERFMON"), "{message}");
 }
@@ -37,7 +37,7 @@ fn explains_an_address_in_use() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     let output = Command::new(binary()).args(["--web.listen-address", &address]).output().unwrap();
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(9));
     let message = stderr_line(&output);
     assert!(message.contains(&format!("cannot listen on {address}")), "{message}");
     assert!(message.to_lowercase().contains("in use"), "{message}");
@@ -45,14 +45,20 @@ fn explains_an_address_in_use() {
 
 #[test]
 fn rejects_bad_flags() {
-    for args in
-        [&["--no-such-flag"][..], &["--web.listen-address", "nowhere"], &["watch", "--port", "x"]]
-    {
+    for (args, names) in [
+        (&["--no-such-flag"][..], "--no-such-flag"),
+        (&["--web.listen-address", "nowhere"], "--web.listen-address"),
+        (&["watch", "--port", "x"], "--port"),
+        (&["--bpf.ring-buffer-bytes", "12"], "--bpf.ring-buffer-bytes"),
+    ] {
         let output = Command::new(binary()).args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+        let message = stderr_line(&output);
+        assert!(message.starts_with("observer: ") && message.contains(names), "{message}");
     }
+    // --help is not an error.
+    let help = Command::new(binary()).arg("--help").output().unwrap();
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("Usage"));
 }
 
 /// `observer watch --json` prints each verdict as it happens, and stops on SIGTERM.

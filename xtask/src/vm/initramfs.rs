@@ -82,7 +82,7 @@ impl Initramfs {
         image.symlink("bin/sh", "busybox");
         image.file("bin/observer", observer, 0o755);
         image.file("bin/observer-tests", scenarios, 0o755);
-        for tool in ["ip", "ss", "nstat", "prometheus", "promtool"] {
+        for tool in ["ip", "ss", "nstat", "prometheus", "promtool", "bpftool", "curl", "setpriv"] {
             image.host_binary(tool)?;
         }
         let loaded = match modules {

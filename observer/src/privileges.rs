@@ -1,0 +1,59 @@
+//! Least privilege: once the programs are loaded and attached, the capabilities that
+//! only loading needed are dropped for good (docs/security.md).
+//!
+//! Kept, if the daemon had them:
+//! * `CAP_SYS_ADMIN`: `setns()` into other network namespaces for the socket inventory
+//!   (and, on kernels before 5.19 with `kernel.unprivileged_bpf_disabled`, any `bpf()`
+//!   call at all, including reading the drop counters through their descriptors).
+//! * `CAP_SYS_PTRACE`: opening `/proc/<pid>/ns/net` of other users' processes.
+//!
+//! Everything else goes: `CAP_BPF`, `CAP_PERFMON` (no further program is ever loaded),
+//! `CAP_SYS_RESOURCE` (the memlock limit was raised before loading), `CAP_DAC_*`,
+//! `CAP_NET_*`, `CAP_SETPCAP` itself, … from the effective, permitted, inheritable,
+//! ambient and (when allowed) bounding sets, so not even an exec can get them back.
+//!
+//! Capabilities are per thread: this runs on the runtime's only thread before any other
+//! thread exists, and threads created later (tokio's blocking pool) inherit the reduced
+//! sets.
+
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// What the daemon keeps after attaching.
+pub const KEPT: [Capability; 2] = [Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE];
+
+/// Drops every capability but [`KEPT`]; returns the ones that remain. Failing to drop is
+/// logged, not fatal: the daemon then runs with what it was given.
+pub fn drop_unneeded() -> CapsHashSet {
+    let permitted = match caps::read(None, CapSet::Permitted) {
+        Ok(permitted) => permitted,
+        Err(error) => {
+            log::warn!("cannot read our capabilities, keeping them: {error}");
+            return CapsHashSet::new();
+        }
+    };
+    let keep: CapsHashSet = KEPT.into_iter().filter(|cap| permitted.contains(cap)).collect();
+    // The bounding set first: shrinking it needs CAP_SETPCAP, dropped just below.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::all().difference(&keep) {
+            if let Err(error) = caps::drop(None, CapSet::Bounding, *cap) {
+                log::debug!("cannot drop {cap} from the bounding set: {error}");
+            }
+        }
+    }
+    let result = caps::clear(None, CapSet::Ambient)
+        .and_then(|()| caps::set(None, CapSet::Inheritable, &CapsHashSet::new()))
+        .and_then(|()| caps::set(None, CapSet::Effective, &keep))
+        .and_then(|()| caps::set(None, CapSet::Permitted, &keep));
+    match result {
+        Ok(()) => {
+            let mut names: Vec<String> = keep.iter().map(ToString::to_string).collect();
+            names.sort();
+            log::info!(
+                "attached; dropped every capability except {}",
+                if names.is_empty() { "(none)".to_string() } else { names.join(", ") }
+            );
+        }
+        Err(error) => log::warn!("cannot drop capabilities: {error}"),
+    }
+    keep
+}

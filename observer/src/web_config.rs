@@ -1,0 +1,361 @@
+//! `--web.config.file`: TLS and HTTP basic auth for every endpoint, in the format of the
+//! Prometheus exporter-toolkit (node_exporter's `--web.config.file`), so operators reuse
+//! their files:
+//!
+//! ```yaml
+//! tls_server_config:
+//!   cert_file: /etc/observer/tls.crt
+//!   key_file: /etc/observer/tls.key
+//!   client_auth_type: RequireAndVerifyClientCert   # optional
+//!   client_ca_file: /etc/observer/clients-ca.crt
+//!   min_version: TLS12                             # TLS12 (default) or TLS13
+//! basic_auth_users:
+//!   prometheus: $2y$10$...                         # bcrypt hash (htpasswd -nBC 10 "")
+//! ```
+//!
+//! Everything the toolkit accepts is understood; what rustls cannot do (TLS 1.0/1.1,
+//! client certificates accepted without verification) is refused at startup, and what
+//! only tunes Go's TLS stack (`cipher_suites`, `curve_preferences`,
+//! `prefer_server_cipher_suites`, `http_server_config`) is accepted and ignored with a
+//! warning. Unknown keys are errors, as in the toolkit (a typo must not silently turn
+//! protection off).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use base64::Engine as _;
+use rustls::{
+    RootCertStore, ServerConfig, SupportedProtocolVersion,
+    server::WebPkiClientVerifier,
+    version::{TLS12, TLS13},
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use serde::Deserialize;
+
+use crate::error::Error;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    tls_server_config: Option<TlsFile>,
+    #[serde(default)]
+    http_server_config: Option<serde_norway::Value>,
+    #[serde(default)]
+    basic_auth_users: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    /// Inline PEM (exporter-toolkit 0.11+).
+    cert: Option<String>,
+    key: Option<String>,
+    client_auth_type: Option<String>,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_allowed_sans: Vec<String>,
+    min_version: Option<String>,
+    max_version: Option<String>,
+    cipher_suites: Option<serde_norway::Value>,
+    curve_preferences: Option<serde_norway::Value>,
+    prefer_server_cipher_suites: Option<serde_norway::Value>,
+}
+
+/// What the web config file asks for.
+#[derive(Default)]
+pub struct WebConfig {
+    /// Serve HTTPS with this configuration instead of HTTP.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Require one of these users on every request.
+    pub auth: Option<Arc<BasicAuth>>,
+}
+
+impl WebConfig {
+    /// Reads and checks the file; any problem is one [`Error::Config`] naming it.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let fail = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|error| fail(error.to_string()))?;
+        let file: File = if text.trim().is_empty() {
+            File::default()
+        } else {
+            serde_norway::from_str(&text).map_err(|error| fail(one_line(&error.to_string())))?
+        };
+        if file.http_server_config.is_some() {
+            log::warn!(
+                "web config: http_server_config is ignored (HTTP/1.1 only, no extra headers)"
+            );
+        }
+        // Relative file names are relative to the config file, as in the toolkit.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tls =
+            file.tls_server_config.map(|tls| tls_config(&tls, base)).transpose().map_err(fail)?;
+        let auth = match file.basic_auth_users {
+            Some(users) if !users.is_empty() => {
+                Some(Arc::new(BasicAuth::new(users).map_err(fail)?))
+            }
+            _ => None,
+        };
+        Ok(Self { tls, auth })
+    }
+
+    /// Puts `router` behind basic auth if the file asked for it.
+    pub fn protect(&self, router: Router) -> Router {
+        match &self.auth {
+            Some(auth) => {
+                router.layer(middleware::from_fn_with_state(Arc::clone(auth), require_auth))
+            }
+            None => router,
+        }
+    }
+}
+
+/// Errors of YAML parsers span lines; the daemon's errors are one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
+    for (name, value) in [
+        ("cipher_suites", &tls.cipher_suites),
+        ("curve_preferences", &tls.curve_preferences),
+        ("prefer_server_cipher_suites", &tls.prefer_server_cipher_suites),
+    ] {
+        if value.is_some() {
+            log::warn!("web config: tls_server_config.{name} is ignored (rustls chooses)");
+        }
+    }
+    let resolve = |file: &PathBuf| base.join(file);
+    let certs: Vec<CertificateDer<'static>> = match (&tls.cert_file, &tls.cert) {
+        (Some(file), None) => CertificateDer::pem_file_iter(resolve(file))
+            .and_then(Iterator::collect)
+            .map_err(|error| format!("cert_file {}: {error}", resolve(file).display()))?,
+        (None, Some(pem)) => CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|error| format!("cert: {error}"))?,
+        (None, None) => return Err("tls_server_config needs cert_file (or cert)".into()),
+        (Some(_), Some(_)) => return Err("give either cert_file or cert, not both".into()),
+    };
+    if certs.is_empty() {
+        return Err("no certificate in cert_file".into());
+    }
+    let key = match (&tls.key_file, &tls.key) {
+        (Some(file), None) => PrivateKeyDer::from_pem_file(resolve(file))
+            .map_err(|error| format!("key_file {}: {error}", resolve(file).display()))?,
+        (None, Some(pem)) => PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|error| format!("key: {error}"))?,
+        (None, None) => return Err("tls_server_config needs key_file (or key)".into()),
+        (Some(_), Some(_)) => return Err("give either key_file or key, not both".into()),
+    };
+    let versions = protocol_versions(tls.min_version.as_deref(), tls.max_version.as_deref())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&versions)
+        .map_err(|error| error.to_string())?;
+
+    let client_auth = tls.client_auth_type.as_deref().unwrap_or("NoClientCert");
+    let (verify, optional) = match client_auth {
+        "NoClientCert" => (false, false),
+        "VerifyClientCertIfGiven" => (true, true),
+        "RequireAndVerifyClientCert" => (true, false),
+        "RequestClientCert" | "RequireAnyClientCert" => {
+            return Err(format!(
+                "client_auth_type {client_auth} (client certificates without verification) is \
+                 not supported; use VerifyClientCertIfGiven or RequireAndVerifyClientCert"
+            ));
+        }
+        other => return Err(format!("invalid client_auth_type {other:?}")),
+    };
+    if !tls.client_allowed_sans.is_empty() {
+        return Err("client_allowed_sans is not supported".into());
+    }
+    let builder = if verify {
+        let Some(ca_file) = &tls.client_ca_file else {
+            return Err(format!("client_auth_type {client_auth} needs client_ca_file"));
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(resolve(ca_file))
+            .map_err(|error| format!("client_ca_file {}: {error}", resolve(ca_file).display()))?
+        {
+            let cert = cert.map_err(|error| format!("client_ca_file: {error}"))?;
+            roots.add(cert).map_err(|error| format!("client_ca_file: {error}"))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        let verifier = if optional { verifier.allow_unauthenticated() } else { verifier };
+        builder.with_client_cert_verifier(verifier.build().map_err(|error| error.to_string())?)
+    } else {
+        if tls.client_ca_file.is_some() {
+            log::warn!("web config: client_ca_file is unused with client_auth_type NoClientCert");
+        }
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|error| format!("certificate and key: {error}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn protocol_versions(
+    min: Option<&str>,
+    max: Option<&str>,
+) -> Result<Vec<&'static SupportedProtocolVersion>, String> {
+    let rank = |name: &str| match name {
+        "TLS12" => Ok(0),
+        "TLS13" => Ok(1),
+        "TLS10" | "TLS11" => Err(format!("{name} is not supported (TLS 1.2 is the oldest)")),
+        other => Err(format!("invalid TLS version {other:?} (TLS12 or TLS13)")),
+    };
+    let low = min.map(rank).transpose()?.unwrap_or(0);
+    let high = max.map(rank).transpose()?.unwrap_or(1);
+    if low > high {
+        return Err("min_version is above max_version".into());
+    }
+    Ok([&TLS12, &TLS13][low..=high].to_vec())
+}
+
+/// The `basic_auth_users` of the file: user → bcrypt hash.
+pub struct BasicAuth {
+    users: HashMap<String, String>,
+    /// Checked for unknown users, at the cost of the real hashes, so that an unknown
+    /// user takes as long to refuse as a wrong password.
+    dummy_hash: String,
+}
+
+impl BasicAuth {
+    fn new(users: HashMap<String, String>) -> Result<Self, String> {
+        // The cost of the real hashes: an unknown user costs what a known one does.
+        let mut cost = 4;
+        for (user, hash) in &users {
+            let parts: bcrypt::HashParts = hash
+                .parse()
+                .map_err(|error| format!("basic_auth_users.{user}: not a bcrypt hash ({error})"))?;
+            cost = cost.max(parts.get_cost());
+            if user.contains(':') {
+                return Err(format!("basic_auth_users: user name {user:?} contains ':'"));
+            }
+        }
+        let dummy_hash = bcrypt::hash("observer: no such user", cost)
+            .map_err(|error| format!("cannot compute a bcrypt hash: {error}"))?;
+        Ok(Self { users, dummy_hash })
+    }
+
+    /// Whether an `Authorization` header names a user with the right password. Slow on
+    /// purpose (bcrypt): call it off the async runtime.
+    pub fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some((user, password)) = authorization.and_then(parse_basic) else {
+            return false;
+        };
+        let (hash, known) = match self.users.get(&user) {
+            Some(hash) => (hash.as_str(), true),
+            None => (self.dummy_hash.as_str(), false),
+        };
+        let matches = bcrypt::verify(password.as_bytes(), hash).unwrap_or(false);
+        matches && known
+    }
+}
+
+/// `Basic base64(user:password)` → (user, password).
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let encoded = value.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+async fn require_auth(
+    State(auth): State<Arc<BasicAuth>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let header = request.headers().get(header::AUTHORIZATION).cloned();
+    // bcrypt takes tens of milliseconds: keep it off the thread that reads the ring buffer.
+    let allowed =
+        tokio::task::spawn_blocking(move || auth.allows(header.as_ref())).await.unwrap_or(false);
+    if allowed {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"observer\"")],
+            "Unauthorized\n",
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("observer-web-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn header(user: &str, password: &str) -> HeaderValue {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        HeaderValue::from_str(&format!("Basic {encoded}")).unwrap()
+    }
+
+    #[test]
+    fn checks_basic_auth_users() {
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        let path = write("auth.yml", &format!("basic_auth_users:\n  alice: {hash}\n"));
+        let config = WebConfig::load(&path).unwrap();
+        let auth = config.auth.expect("auth");
+        assert!(config.tls.is_none());
+        assert!(auth.allows(Some(&header("alice", "secret"))));
+        assert!(!auth.allows(Some(&header("alice", "wrong"))));
+        assert!(!auth.allows(Some(&header("bob", "secret"))));
+        assert!(!auth.allows(None));
+        assert!(!auth.allows(Some(&HeaderValue::from_static("Basic !!!"))));
+        assert!(!auth.allows(Some(&HeaderValue::from_static("Bearer x"))));
+        // The dummy hash costs what the real ones cost.
+        let dummy: bcrypt::HashParts = auth.dummy_hash.parse().unwrap();
+        assert_eq!(dummy.get_cost(), 4);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour() {
+        for (text, expected) in [
+            ("basic_auth_users:\n  alice: plain\n", "not a bcrypt hash"),
+            ("basic_auth_user:\n  alice: x\n", "unknown field"),
+            ("tls_server_config:\n  key_file: k\n", "needs cert_file"),
+            ("tls_server_config: {cert_file: /nonexistent.crt, key_file: k}\n", "nonexistent"),
+            ("tls_server_config: {cert_file: \"a\"\n", "line 1"),
+        ] {
+            let path = write("bad.yml", text);
+            let error = WebConfig::load(&path).err().expect(text).to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+            assert_eq!(error.lines().count(), 1, "{error}");
+        }
+        assert_eq!(
+            protocol_versions(Some("TLS10"), None).unwrap_err(),
+            "TLS10 is not supported (TLS 1.2 is the oldest)"
+        );
+        assert_eq!(protocol_versions(Some("TLS13"), None).unwrap().len(), 1);
+        assert!(protocol_versions(Some("TLS13"), Some("TLS12")).is_err());
+    }
+
+    #[test]
+    fn empty_file_means_plain_http() {
+        let config = WebConfig::load(&write("empty.yml", "")).unwrap();
+        assert!(config.tls.is_none() && config.auth.is_none());
+    }
+}
