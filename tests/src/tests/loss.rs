@@ -81,7 +81,7 @@ fn tiny_ring_accounts_for_every_event() {
     sock::read_to_end(&server);
     drop(server);
     let judged = wait_until(Duration::from_secs(20), || {
-        tiny.get("/connections?port=7403").contains("\"cause\":\"active\"")
+        tiny.get("/connections?status=closed&port=7403").contains("\"cause\":\"active\"")
     });
     assert!(judged, "no verdict after the storm:\n{}", tiny.log_tail());
     let after = produced + CLIENT_TRANSITIONS as f64;
@@ -122,7 +122,8 @@ fn recent_buffer_overflow_is_counted() {
         daemon.metric_sum("observer_tcp_closes_total", &[("port", "7404")]) >= 3.0
     });
     assert!(judged, "{}", daemon.log_tail());
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&daemon.get("/connections")).unwrap();
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&daemon.get("/connections?status=closed")).unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(daemon.metric_sum("observer_connections_evicted_total", &[]), 1.0);
     daemon.stop();
