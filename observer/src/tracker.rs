@@ -167,13 +167,7 @@ pub struct Tracker {
     preexisting_owners: std::collections::HashMap<u64, Process>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
-    /// Live sockets per current state (for `observer_tcp_sockets`).
-    by_state: [i64; TcpState::ALL.len()],
     stats: TrackerStats,
-}
-
-fn state_index(state: TcpState) -> usize {
-    TcpState::ALL.iter().position(|s| *s == state).unwrap_or(TcpState::ALL.len() - 1)
 }
 
 impl Tracker {
@@ -182,7 +176,6 @@ impl Tracker {
             sockets: LruCache::new(capacity),
             preexisting_owners: std::collections::HashMap::new(),
             closing: VecDeque::new(),
-            by_state: [0; TcpState::ALL.len()],
             stats: TrackerStats::default(),
         }
     }
@@ -203,11 +196,6 @@ impl Tracker {
 
     pub fn is_empty(&self) -> bool {
         self.sockets.is_empty()
-    }
-
-    /// Live tracked sockets in each state.
-    pub fn sockets_by_state(&self) -> impl Iterator<Item = (TcpState, i64)> + '_ {
-        TcpState::ALL.iter().copied().zip(self.by_state.iter().copied())
     }
 
     /// When the oldest closed socket's evidence window ends.
@@ -317,9 +305,7 @@ impl Tracker {
         if change.old == change.new {
             return Effect::None;
         }
-        let previous = tracked.state;
         tracked.state = change.new;
-        self.by_state[state_index(previous)] -= 1;
         if change.new == TcpState::Close {
             tracked.history.close = Some(Close {
                 previous: change.old,
@@ -327,8 +313,6 @@ impl Tracker {
                 snapshot: change.snapshot,
             });
             self.closing.push_back((evidence_deadline(change.timestamp_ns), change.socket));
-        } else {
-            self.by_state[state_index(change.new)] += 1;
         }
         Effect::Transition { from: change.old, to: change.new }
     }
@@ -388,28 +372,19 @@ impl Tracker {
                 decided.extend(finish(previous));
             } else {
                 // Its final transition was lost (ring buffer full): no verdict.
-                self.forget(&previous);
                 self.stats.replaced += 1;
             }
         }
     }
 
     fn insert(&mut self, socket: SocketId, tracked: Tracked, decided: &mut Vec<ClosedConnection>) {
-        self.by_state[state_index(tracked.state)] += 1;
         if let Some((_, evicted)) = self.sockets.push(socket, tracked) {
             if evicted.is_closed() {
                 // Its window is cut short, but F and the RSTs of its own call are in.
                 decided.extend(finish(evicted));
             } else {
-                self.forget(&evicted);
                 self.stats.evicted += 1;
             }
-        }
-    }
-
-    fn forget(&mut self, tracked: &Tracked) {
-        if !tracked.is_closed() {
-            self.by_state[state_index(tracked.state)] -= 1;
         }
     }
 }
@@ -573,7 +548,7 @@ mod tests {
         assert_eq!(closed.states, vec![SynSent, Established, Close]);
         assert_eq!(closed.duration_ns, Some(2_000_000));
         assert!(t.is_empty());
-        assert!(t.sockets_by_state().all(|(_, n)| n == 0));
+        assert_eq!(t.live().count(), 0);
     }
 
     #[test]
@@ -592,8 +567,8 @@ mod tests {
         assert_eq!(decided.len(), 1);
         assert_eq!(decided[0].verdict.cause, Cause::LingerZero);
         assert_eq!(t.len(), 1);
-        let counts: Vec<_> = t.sockets_by_state().filter(|(_, n)| *n != 0).collect();
-        assert_eq!(counts, vec![(SynSent, 1)]);
+        let live: Vec<_> = t.live().map(|socket| socket.state).collect();
+        assert_eq!(live, vec![SynSent]);
         // The stale deadline of the first lifetime must not settle the second.
         let mut later = Vec::new();
         t.expire(u64::MAX / 2, &mut later);
@@ -609,8 +584,7 @@ mod tests {
         }
         assert_eq!(t.len(), 4);
         assert_eq!(t.stats().evicted, 96);
-        let live: i64 = t.sockets_by_state().map(|(_, n)| n).sum();
-        assert_eq!(live, 4);
+        assert_eq!(t.live().count(), 4);
     }
 
     #[test]
