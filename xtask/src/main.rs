@@ -12,6 +12,7 @@
 //!
 //! All start with [`bootstrap`], which installs only what is missing and says so.
 
+mod apt;
 mod bench;
 mod bootstrap;
 mod command;
