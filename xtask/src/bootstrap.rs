@@ -89,6 +89,19 @@ pub fn test_tools() -> anyhow::Result<()> {
     Apt::default().install(&missing, "the integration tests")
 }
 
+/// What `bench` drives: the peers it compares with, bpftool (who else has programs
+/// attached), unshare (a private tracefs mount) and dpkg (unpacking libbpf-tools).
+pub fn bench_tools() -> anyhow::Result<()> {
+    let missing = missing_packages(&[
+        ("ip", "iproute2"),
+        ("bpftrace", "bpftrace"),
+        ("bpftool", "bpftool"),
+        ("unshare", "util-linux"),
+        ("dpkg", "dpkg"),
+    ]);
+    Apt::default().install(&missing, "the bench")
+}
+
 /// The packages providing the (program, package) pairs whose program is not on PATH.
 fn missing_packages(programs: &[(&str, &'static str)]) -> Vec<&'static str> {
     let mut missing = Vec::new();

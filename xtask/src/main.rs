@@ -40,8 +40,9 @@ enum Command {
     Test(test::Options),
     /// Run the integration scenarios in QEMU guests booting other kernels.
     VmTest(vm::Options),
-    /// Print speed and memory figures of the userspace pipeline.
-    Bench,
+    /// Connection churn with no observer, observer, bpftrace and libbpf-tools: a table
+    /// of throughput, BPF cost, completeness, losses, CPU and memory (needs root).
+    Bench(bench::Options),
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
     /// under observer/tests/streams/<kernel release>/ (needs root).
     Record,
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
         Command::Record => record::run(),
-        Command::Bench => bench::run(),
+        Command::Bench(options) => bench::run(options),
         Command::VmTest(options) => vm::run(options),
     };
     match result {
