@@ -155,6 +155,9 @@ struct Measure {
     bpf: Option<ProgramStats>,
     cpu_seconds: Option<f64>,
     peak_rss_kib: Option<u64>,
+    tracked_sockets: Option<u64>,
+    /// Lost while the idle connections all closed at once, after the churn.
+    teardown_lost: Option<u64>,
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -259,6 +262,8 @@ struct Bench<'a> {
 struct Running {
     processes: Vec<Process>,
     daemon: Option<Daemon>,
+    /// libbpf-tools report lost events on stderr; these threads add them up.
+    lost_counters: Vec<std::thread::JoinHandle<u64>>,
 }
 
 impl Bench<'_> {
@@ -273,7 +278,7 @@ impl Bench<'_> {
         let cpu_before = running.daemon.as_ref().and_then(|d| system::cpu_seconds(d.pid));
 
         let idle = if config == Config::ObserverIdle { self.options.idle } else { 0 };
-        let churn = self.churn(idle)?;
+        let (churn, mut generator) = self.churn(idle)?;
         system::check_interrupted()?;
 
         let mut measure = Measure {
@@ -282,13 +287,14 @@ impl Bench<'_> {
             failed: churn.failed.total(),
             ..Measure::default()
         };
-        let listeners =
-            (churn.ports.fin.len() + churn.ports.rst.len() + churn.ports.idle.len()) as u64;
+        // The churn's listeners have closed; the idle holders' are still listening.
+        let listeners = (churn.ports.fin.len() + churn.ports.rst.len()) as u64;
         let c = churn.connections;
         measure.expected_transitions = c.fin * TRANSITIONS.fin
             + c.rst * TRANSITIONS.rst
             + c.refused * TRANSITIONS.refused
             + listeners * LISTENER_TRANSITIONS
+            + churn.ports.idle.len() as u64
             + churn.idle as u64 * IDLE_OPEN_TRANSITIONS;
         measure.expected_events = measure.expected_transitions
             + c.fin * RESETS.fin
@@ -329,6 +335,32 @@ impl Bench<'_> {
                 (Some(before), Some(after)) => Some(after - before),
                 _ => None,
             };
+            measure.tracked_sockets = Some(after.sum("observer_tracker_sockets") as u64);
+            measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
+        }
+        // Now let the idle connections go, all at once, and count what that burst loses.
+        drop(generator.child().stdin.take());
+        let status = generator.child().wait()?;
+        if !status.success() {
+            bail!("the load generator failed ({status})");
+        }
+        if let (Some(daemon), true) = (&running.daemon, churn.idle > 0) {
+            let lost_before = measure.lost.unwrap_or(0);
+            let before =
+                metrics_before.as_ref().map_or(0.0, |m| m.sum("observer_events_lost_total"));
+            let mut last = f64::NAN;
+            system::wait_for(Duration::from_secs(30), || {
+                let Ok(metrics) = daemon.metrics() else { return false };
+                let transitions = metrics.sum("observer_tcp_transitions_total");
+                let settled = transitions == last;
+                last = transitions;
+                settled && metrics.sum("observer_tracker_sockets") < 1000.0
+            });
+            // The daemon refreshes the lost count every 100 ms.
+            std::thread::sleep(Duration::from_millis(300));
+            let after = daemon.metrics()?.sum("observer_events_lost_total");
+            measure.teardown_lost =
+                Some(((after - before).max(0.0) as u64).saturating_sub(lost_before));
             measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
         }
         if !pids.is_empty() {
@@ -342,12 +374,21 @@ impl Bench<'_> {
         if config == Config::Bpftrace {
             measure.events = running.stop_bpftrace();
         }
+        for process in &mut running.processes {
+            process.stop(libc::SIGINT);
+        }
+        let peer_lost: Option<u64> =
+            running.lost_counters.drain(..).map(|counter| counter.join().ok()).sum();
+        if config == Config::LibbpfTools {
+            measure.lost = peer_lost;
+        }
         drop(running);
         Ok(measure)
     }
 
     fn start(&self, config: Config) -> anyhow::Result<Running> {
-        let mut running = Running { processes: Vec::new(), daemon: None };
+        let mut running =
+            Running { processes: Vec::new(), daemon: None, lost_counters: Vec::new() };
         match config {
             Config::None => {}
             Config::Observer | Config::ObserverIdle => {
@@ -380,8 +421,14 @@ impl Bench<'_> {
                     let (loader, args) = tools.command(name);
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     let mut command = system::with_tracefs(&loader, &args);
-                    command.stdout(system::null());
-                    running.processes.push(Process::spawn(name, &mut command)?);
+                    command.stdout(system::null()).stderr(Stdio::piped());
+                    let mut process = Process::spawn(name, &mut command)?;
+                    if let Some(stderr) = process.child().stderr.take() {
+                        running.lost_counters.push(std::thread::spawn(move || {
+                            peers::count_lost(std::io::BufReader::new(stderr))
+                        }));
+                    }
+                    running.processes.push(process);
                 }
             }
         }
@@ -397,29 +444,33 @@ impl Bench<'_> {
         Ok(running)
     }
 
-    fn churn(&self, idle: usize) -> anyhow::Result<Churn> {
+    /// Runs the load; returns its report and the generator, which keeps the idle
+    /// connections open until its stdin is closed.
+    fn churn(&self, idle: usize) -> anyhow::Result<(Churn, Process)> {
         let mut command =
             self.namespace.command(&target_dir().join("release/churn").display().to_string());
         command
             .arg(format!("--duration={}s", self.options.duration.as_secs_f64()))
             .arg(format!("--mix={}", self.options.mix))
             .arg(format!("--idle={idle}"))
+            .arg("--keep-idle-until-eof")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(threads) = self.options.threads {
             command.arg(format!("--threads={threads}"));
         }
         let mut process = Process::spawn("churn", &mut command)?;
-        let mut text = String::new();
-        if let Some(stdout) = process.child().stdout.as_mut() {
-            stdout.read_to_string(&mut text)?;
+        let mut line = String::new();
+        if let Some(stdout) = process.child().stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         }
-        let status = process.child().wait()?;
-        if !status.success() {
+        if line.trim().is_empty() {
+            let status = process.child().wait()?;
             bail!("the load generator failed ({status})");
         }
-        let churn: Churn = serde_json::from_str(text.trim())
-            .with_context(|| format!("unreadable load generator report: {text}"))?;
-        Ok(churn)
+        let churn: Churn = serde_json::from_str(line.trim())
+            .with_context(|| format!("unreadable load generator report: {line}"))?;
+        Ok((churn, process))
     }
 }
 
@@ -554,9 +605,9 @@ fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| configuration | connections/s | ratio | BPF ns/run | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | peak RSS MiB |"
+        "| configuration | connections/s | ratio | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &config in configs {
         let Some(measures) = results.get(config.name()) else { continue };
         let total = |f: &dyn Fn(&Measure) -> Option<u64>| -> Option<u64> {
@@ -574,6 +625,12 @@ fn table(
             .unwrap_or_else(|| "-".into());
         let expected_events: u64 = measures.iter().map(|m| m.expected_events).sum();
         let expected_transitions: u64 = measures.iter().map(|m| m.expected_transitions).sum();
+        // All programs of the configuration (standby twins and reset programs included)
+        // per transition the load made: what one transition costs in the kernel.
+        let bpf_per_transition = bpf
+            .filter(|s| s.run_count > 0)
+            .map(|s| format!("{:.0}", s.run_time_ns as f64 / expected_transitions.max(1) as f64))
+            .unwrap_or_else(|| "-".into());
         let events = match config {
             Config::Bpftrace => total(&|m| m.events).map(|seen| (seen, expected_transitions)),
             _ if config.is_observer() => total(&|m| m.events).map(|seen| (seen, expected_events)),
@@ -607,13 +664,24 @@ fn table(
             .unwrap_or_else(|| "-".into());
         let rate = rate(config);
         let name = match config {
-            Config::ObserverIdle => format!("observer + {idle} idle connections"),
+            Config::ObserverIdle => format!(
+                "observer + {idle} idle connections ({} tracked sockets)",
+                measures.iter().filter_map(|m| m.tracked_sockets).max().unwrap_or(0)
+            ),
             _ => config.name().to_string(),
         };
         let _ = writeln!(
             out,
-            "| {name} | {rate:.0} | {:.3} | {bpf_ns} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} |",
+            "| {name} | {rate:.0} | {:.3} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} |",
             rate / baseline.max(1.0)
+        );
+    }
+    let teardown_lost: Option<u64> =
+        results.values().flatten().filter_map(|m| m.teardown_lost).reduce(|a, b| a + b);
+    if let Some(lost) = teardown_lost {
+        let _ = writeln!(
+            out,
+            "\nWhen the {idle} idle connections closed all at once after the churn: {lost} events lost."
         );
     }
     let failed: u64 = results.values().flatten().map(|m| m.failed).sum();

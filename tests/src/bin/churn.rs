@@ -49,6 +49,10 @@ struct Options {
     /// Connections held open (both ends, idle) during the run.
     #[arg(long, default_value_t = 0)]
     idle: usize,
+    /// After printing the report, keep the idle connections open until stdin closes
+    /// (lets the bench read the daemon's figures before they all close at once).
+    #[arg(long)]
+    keep_idle_until_eof: bool,
     /// Internal: be a holder of this many idle connections (see --idle).
     #[arg(long, hide = true)]
     hold: Option<usize>,
@@ -350,8 +354,8 @@ impl Drop for Holders {
     }
 }
 
-fn run(options: Options) -> Result<Report, String> {
-    let Options { duration, threads, mix, ports, idle, hold: _ } = options;
+fn run(options: Options) -> Result<(Report, Holders), String> {
+    let Options { duration, threads, mix, ports, idle, .. } = options;
     let threads = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
         .max(1);
@@ -391,8 +395,7 @@ fn run(options: Options) -> Result<Report, String> {
         failed.merge(failures);
         first_error = first_error.or(error);
     }
-    drop(holders);
-    Ok(Report {
+    let report = Report {
         threads,
         seconds,
         connections,
@@ -401,7 +404,8 @@ fn run(options: Options) -> Result<Report, String> {
         idle,
         ports: report_ports,
         first_error,
-    })
+    };
+    Ok((report, holders))
 }
 
 fn main() -> ExitCode {
@@ -415,9 +419,16 @@ fn main() -> ExitCode {
             }
         };
     }
+    let keep_idle = options.keep_idle_until_eof;
     match run(options) {
-        Ok(report) => {
+        Ok((report, holders)) => {
             println!("{}", serde_json::to_string(&report).expect("serialisable report"));
+            if keep_idle {
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            }
+            drop(holders);
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -457,7 +468,7 @@ mod tests {
             "10",
         ])
         .unwrap();
-        let report = run(options).unwrap();
+        let (report, _holders) = run(options).unwrap();
         assert_eq!(report.failed.total(), 0, "{:?}", report.first_error);
         assert!(report.connections.fin > 0 && report.connections.rst > 0);
         assert!(report.connections.refused > 0);

@@ -74,6 +74,17 @@ impl LibbpfTools {
     }
 }
 
+/// Sums libbpf-tools' "lost N events on CPU #c" lines (perf buffer overruns).
+pub fn count_lost(stderr: impl std::io::BufRead) -> u64 {
+    stderr
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| {
+            line.trim().strip_prefix("lost ")?.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// The count bpftrace prints for `@transitions` when it stops.
 pub fn bpftrace_count(output: &str) -> Option<u64> {
     output.lines().find_map(|line| line.trim().strip_prefix("@transitions:")?.trim().parse().ok())
@@ -87,5 +98,7 @@ mod tests {
     fn reads_bpftrace_count() {
         assert_eq!(bpftrace_count("Attaching 1 probe...\n\n\n@transitions: 1234\n\n"), Some(1234));
         assert_eq!(bpftrace_count("Attaching 1 probe...\n"), None);
+        let stderr = "lost 107 events on CPU #1\nlost 612 events on CPU #0\nother\n";
+        assert_eq!(count_lost(stderr.as_bytes()), 719);
     }
 }
