@@ -99,7 +99,6 @@ struct Churn {
     connections: Kinds,
     failed: Kinds,
     threads: usize,
-    idle: usize,
     ports: Ports,
     first_error: Option<String>,
 }
@@ -122,7 +121,6 @@ struct Ports {
     fin: Vec<u16>,
     rst: Vec<u16>,
     refused: Vec<u16>,
-    idle: Vec<u16>,
 }
 
 // What each ending produces at the tracepoints, measured on loopback (docs/benchmarks.md):
@@ -133,8 +131,6 @@ const TRANSITIONS: Kinds = Kinds { fin: 10, rst: 6, refused: 2 };
 const RESETS: Kinds = Kinds { fin: 0, rst: 2, refused: 1 };
 /// Every listener: CLOSE > LISTEN at start and LISTEN > CLOSE at exit.
 const LISTENER_TRANSITIONS: u64 = 2;
-/// An idle pair: 4 transitions to open; closing both ends at once takes 6 to 8.
-const IDLE_OPEN_TRANSITIONS: u64 = 4;
 /// Verdicts (observer_tcp_closes_total) per connection: both ends, or the refused client.
 const CLOSES: Kinds = Kinds { fin: 2, rst: 2, refused: 1 };
 
@@ -156,6 +152,8 @@ struct Measure {
     cpu_seconds: Option<f64>,
     peak_rss_kib: Option<u64>,
     tracked_sockets: Option<u64>,
+    /// Lost while the idle connections were all opened at once, before the churn.
+    setup_lost: Option<u64>,
     /// Lost while the idle connections all closed at once, after the churn.
     teardown_lost: Option<u64>,
 }
@@ -264,6 +262,8 @@ struct Running {
     daemon: Option<Daemon>,
     /// libbpf-tools report lost events on stderr; these threads add them up.
     lost_counters: Vec<std::thread::JoinHandle<u64>>,
+    /// With observer-idle: the idle connections, open while the daemon runs.
+    idle: Option<IdleConnections>,
 }
 
 impl Bench<'_> {
@@ -277,8 +277,7 @@ impl Bench<'_> {
         };
         let cpu_before = running.daemon.as_ref().and_then(|d| system::cpu_seconds(d.pid));
 
-        let idle = if config == Config::ObserverIdle { self.options.idle } else { 0 };
-        let (churn, mut generator) = self.churn(idle)?;
+        let churn = self.churn()?;
         system::check_interrupted()?;
 
         let mut measure = Measure {
@@ -287,15 +286,12 @@ impl Bench<'_> {
             failed: churn.failed.total(),
             ..Measure::default()
         };
-        // The churn's listeners have closed; the idle holders' are still listening.
         let listeners = (churn.ports.fin.len() + churn.ports.rst.len()) as u64;
         let c = churn.connections;
         measure.expected_transitions = c.fin * TRANSITIONS.fin
             + c.rst * TRANSITIONS.rst
             + c.refused * TRANSITIONS.refused
-            + listeners * LISTENER_TRANSITIONS
-            + churn.ports.idle.len() as u64
-            + churn.idle as u64 * IDLE_OPEN_TRANSITIONS;
+            + listeners * LISTENER_TRANSITIONS;
         measure.expected_events = measure.expected_transitions
             + c.fin * RESETS.fin
             + c.rst * RESETS.rst
@@ -338,29 +334,10 @@ impl Bench<'_> {
             measure.tracked_sockets = Some(after.sum("observer_tracker_sockets") as u64);
             measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
         }
-        // Now let the idle connections go, all at once, and count what that burst loses.
-        drop(generator.child().stdin.take());
-        let status = generator.child().wait()?;
-        if !status.success() {
-            bail!("the load generator failed ({status})");
-        }
-        if let (Some(daemon), true) = (&running.daemon, churn.idle > 0) {
-            let lost_before = measure.lost.unwrap_or(0);
-            let before =
-                metrics_before.as_ref().map_or(0.0, |m| m.sum("observer_events_lost_total"));
-            let mut last = f64::NAN;
-            system::wait_for(Duration::from_secs(30), || {
-                let Ok(metrics) = daemon.metrics() else { return false };
-                let transitions = metrics.sum("observer_tcp_transitions_total");
-                let settled = transitions == last;
-                last = transitions;
-                settled && metrics.sum("observer_tracker_sockets") < 1000.0
-            });
-            // The daemon refreshes the lost count every 100 ms.
-            std::thread::sleep(Duration::from_millis(300));
-            let after = daemon.metrics()?.sum("observer_events_lost_total");
-            measure.teardown_lost =
-                Some(((after - before).max(0.0) as u64).saturating_sub(lost_before));
+        if let (Some(daemon), Some(idle)) = (&running.daemon, running.idle.take()) {
+            measure.setup_lost = Some(idle.setup_lost);
+            measure.tracked_sockets = measure.tracked_sockets.max(Some(idle.tracked));
+            measure.teardown_lost = Some(idle.release(daemon)?);
             measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
         }
         if !pids.is_empty() {
@@ -388,7 +365,7 @@ impl Bench<'_> {
 
     fn start(&self, config: Config) -> anyhow::Result<Running> {
         let mut running =
-            Running { processes: Vec::new(), daemon: None, lost_counters: Vec::new() };
+            Running { processes: Vec::new(), daemon: None, lost_counters: Vec::new(), idle: None };
         match config {
             Config::None => {}
             Config::Observer | Config::ObserverIdle => {
@@ -405,6 +382,9 @@ impl Bench<'_> {
                     process.is_running() && daemon.metrics().is_ok()
                 }) {
                     bail!("the observer daemon did not start serving metrics (see its log above)");
+                }
+                if config == Config::ObserverIdle {
+                    running.idle = Some(self.hold_idle(&daemon)?);
                 }
                 running.daemon = Some(daemon);
                 running.processes.push(process);
@@ -444,33 +424,91 @@ impl Bench<'_> {
         Ok(running)
     }
 
-    /// Runs the load; returns its report and the generator, which keeps the idle
-    /// connections open until its stdin is closed.
-    fn churn(&self, idle: usize) -> anyhow::Result<(Churn, Process)> {
+    /// Runs the load and returns its report.
+    fn churn(&self) -> anyhow::Result<Churn> {
         let mut command =
             self.namespace.command(&target_dir().join("release/churn").display().to_string());
         command
             .arg(format!("--duration={}s", self.options.duration.as_secs_f64()))
             .arg(format!("--mix={}", self.options.mix))
-            .arg(format!("--idle={idle}"))
-            .arg("--keep-idle-until-eof")
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(threads) = self.options.threads {
             command.arg(format!("--threads={threads}"));
         }
         let mut process = Process::spawn("churn", &mut command)?;
+        let mut text = String::new();
+        if let Some(stdout) = process.child().stdout.as_mut() {
+            stdout.read_to_string(&mut text)?;
+        }
+        let status = process.child().wait()?;
+        if !status.success() {
+            bail!("the load generator failed ({status})");
+        }
+        serde_json::from_str(text.trim())
+            .with_context(|| format!("unreadable load generator report: {text}"))
+    }
+
+    /// Opens the idle connections (in the bench namespace, tracked by `daemon`) and
+    /// waits until the daemon has taken them all in.
+    fn hold_idle(&self, daemon: &Daemon) -> anyhow::Result<IdleConnections> {
+        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        let mut command =
+            self.namespace.command(&target_dir().join("release/churn").display().to_string());
+        command
+            .arg(format!("--idle={}", self.options.idle))
+            .arg("--idle-only")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut holder = Process::spawn("churn --idle-only", &mut command)?;
         let mut line = String::new();
-        if let Some(stdout) = process.child().stdout.take() {
+        if let Some(stdout) = holder.child().stdout.take() {
             std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         }
         if line.trim().is_empty() {
-            let status = process.child().wait()?;
-            bail!("the load generator failed ({status})");
+            bail!("opening {} idle connections failed", self.options.idle);
         }
-        let churn: Churn = serde_json::from_str(line.trim())
-            .with_context(|| format!("unreadable load generator report: {line}"))?;
-        Ok((churn, process))
+        settle(daemon);
+        let metrics = daemon.metrics()?;
+        let setup_lost = (metrics.sum("observer_events_lost_total") - before).max(0.0) as u64;
+        let tracked = metrics.sum("observer_tracker_sockets") as u64;
+        Ok(IdleConnections { holder, setup_lost, tracked })
+    }
+}
+
+/// Waits until the daemon's transition count stops moving (its lost count is
+/// refreshed every 100 ms, so that is read a little later).
+fn settle(daemon: &Daemon) {
+    let mut last = f64::NAN;
+    system::wait_for(Duration::from_secs(30), || {
+        let Ok(metrics) = daemon.metrics() else { return false };
+        let transitions = metrics.sum("observer_tcp_transitions_total");
+        let settled = transitions == last;
+        last = transitions;
+        settled
+    });
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Idle connections held open by a `churn --idle-only` process.
+struct IdleConnections {
+    holder: Process,
+    /// Events lost while they were all opened at once.
+    setup_lost: u64,
+    /// observer_tracker_sockets once they were all open.
+    tracked: u64,
+}
+
+impl IdleConnections {
+    /// Closes them all at once; returns the events lost meanwhile.
+    fn release(mut self, daemon: &Daemon) -> anyhow::Result<u64> {
+        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        drop(self.holder.child().stdin.take());
+        let status = self.holder.child().wait()?;
+        if !status.success() {
+            bail!("the idle connection holder failed ({status})");
+        }
+        settle(daemon);
+        Ok((daemon.metrics()?.sum("observer_events_lost_total") - before).max(0.0) as u64)
     }
 }
 
@@ -678,10 +716,13 @@ fn table(
     }
     let teardown_lost: Option<u64> =
         results.values().flatten().filter_map(|m| m.teardown_lost).reduce(|a, b| a + b);
-    if let Some(lost) = teardown_lost {
+    let setup_lost: Option<u64> =
+        results.values().flatten().filter_map(|m| m.setup_lost).reduce(|a, b| a + b);
+    if let (Some(setup), Some(teardown)) = (setup_lost, teardown_lost) {
         let _ = writeln!(
             out,
-            "\nWhen the {idle} idle connections closed all at once after the churn: {lost} events lost."
+            "\nOutside the churn, events lost when the {idle} idle connections were all opened \
+             at once: {setup}; when they were all closed at once: {teardown}."
         );
     }
     let failed: u64 = results.values().flatten().map(|m| m.failed).sum();

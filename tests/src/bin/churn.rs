@@ -10,7 +10,9 @@
 //! Each worker has its own listeners (and a refusing port per worker), so the threads
 //! share nothing; the ports of each kind are printed so that the daemon's
 //! `observer_tcp_closes_total{port}` can be checked kind by kind. With `--idle N` it
-//! first opens N connections and holds both ends open, idle, for the whole run.
+//! first opens N connections and holds both ends open, idle, for the whole run (in
+//! holder processes of 9000 connections each: one process may have few descriptors);
+//! `--idle N --idle-only` just holds them until stdin closes.
 //!
 //! The result is one JSON object on stdout. Run it in a network namespace of its own
 //! (the bench does): it uses the whole ephemeral port range of that namespace.
@@ -49,10 +51,10 @@ struct Options {
     /// Connections held open (both ends, idle) during the run.
     #[arg(long, default_value_t = 0)]
     idle: usize,
-    /// After printing the report, keep the idle connections open until stdin closes
-    /// (lets the bench read the daemon's figures before they all close at once).
-    #[arg(long)]
-    keep_idle_until_eof: bool,
+    /// Do not churn: open the --idle connections, print their listeners' ports (JSON),
+    /// and keep them open until stdin closes.
+    #[arg(long, requires = "idle")]
+    idle_only: bool,
     /// Internal: be a holder of this many idle connections (see --idle).
     #[arg(long, hide = true)]
     hold: Option<usize>,
@@ -419,15 +421,23 @@ fn main() -> ExitCode {
             }
         };
     }
-    let keep_idle = options.keep_idle_until_eof;
+    if options.idle_only {
+        return match Holders::start(options.idle) {
+            Ok(holders) => {
+                let ports = serde_json::json!({ "idle": options.idle, "ports": holders.ports });
+                println!("{ports}");
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("churn: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(options) {
         Ok((report, holders)) => {
             println!("{}", serde_json::to_string(&report).expect("serialisable report"));
-            if keep_idle {
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
-                let _ = std::io::stdin().read_to_end(&mut Vec::new());
-            }
             drop(holders);
             ExitCode::SUCCESS
         }
