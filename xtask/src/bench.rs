@@ -579,8 +579,15 @@ impl Drop for Daemon {
     }
 }
 
-/// Samples of a Prometheus text exposition: (name, labels, value).
-struct Metrics(Vec<(String, Vec<(String, String)>, f64)>);
+/// One line of a Prometheus text exposition.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// The samples of a Prometheus text exposition.
+struct Metrics(Vec<Sample>);
 
 impl Metrics {
     fn parse(text: &str) -> Self {
@@ -601,14 +608,14 @@ impl Metrics {
                         Some((key.to_string(), value.trim_matches('"').to_string()))
                     })
                     .collect();
-                Some((name.to_string(), labels, value))
+                Some(Sample { name: name.to_string(), labels, value })
             })
             .collect();
         Self(samples)
     }
 
     fn sum(&self, name: &str) -> f64 {
-        self.0.iter().filter(|(n, _, _)| n == name).map(|(_, _, value)| value).sum()
+        self.0.iter().filter(|sample| sample.name == name).map(|sample| sample.value).sum()
     }
 }
 
@@ -619,11 +626,11 @@ fn closes_on(metrics: &Metrics, ports: &Ports) -> f64 {
     metrics
         .0
         .iter()
-        .filter(|(name, _, _)| name == "observer_tcp_closes_total")
-        .filter(|(_, labels, _)| {
-            labels.iter().any(|(key, value)| key == "port" && ours.contains(value))
+        .filter(|sample| sample.name == "observer_tcp_closes_total")
+        .filter(|sample| {
+            sample.labels.iter().any(|(key, value)| key == "port" && ours.contains(value))
         })
-        .map(|(_, _, value)| value)
+        .map(|sample| sample.value)
         .sum()
 }
 
