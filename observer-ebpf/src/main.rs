@@ -21,7 +21,7 @@ use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{bpf_get_socket_cookie, bpf_probe_read_kernel},
@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use observer_common::{
     ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, ProgramConfig, ResetEvent, SockField,
-    StateEvent, WAKEUP_BYTES, WAKEUP_INTERVAL_NS,
+    StateEvent, WAKEUP_INTERVAL_NS,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
@@ -377,15 +377,16 @@ fn read_u8(base: u64, offset: u32) -> u32 {
 }
 
 /// Wakes the daemon for the first record after [`WAKEUP_INTERVAL_NS`] of this CPU, or
-/// when [`WAKEUP_BYTES`] are waiting; otherwise leaves the record to the daemon's
-/// follow-up drain (see `observer_common::WAKEUP_INTERVAL_NS`).
+/// when an eighth of the ring is waiting (whatever `--bpf.ring-buffer-bytes` is);
+/// otherwise leaves the record to the daemon's follow-up drain (see
+/// `observer_common::WAKEUP_INTERVAL_NS`).
 #[inline(always)]
 fn wakeup_flags(now_ns: u64) -> u64 {
     let Some(woken_at) = WOKEN_AT.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU slot; a nested run on this CPU at worst wakes once more.
     unsafe {
         if now_ns.wrapping_sub(*woken_at) >= WAKEUP_INTERVAL_NS
-            || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES
+            || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 8
         {
             *woken_at = now_ns;
             BPF_RB_FORCE_WAKEUP as u64
