@@ -217,6 +217,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let after = system::foreign_tracing_programs(&[]);
     warn_foreign(&after);
     println!();
+    println!("{}\n", system::machine());
     print!("{}", table(&configs, &results, options.idle, !foreign.is_empty() || !after.is_empty()));
     Ok(())
 }
@@ -376,7 +377,8 @@ impl Bench<'_> {
                 let mut command = std::process::Command::new(target_dir().join("release/observer"));
                 command
                     .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                    .arg("--log.level=warn")
+                    // Losses are in the table; one warning per lost record would flood it.
+                    .arg("--log.level=error")
                     .args(&self.options.daemon_args)
                     .stdout(system::null());
                 let mut process = Process::spawn("observer", &mut command)?;

@@ -312,6 +312,27 @@ pub fn foreign_tracing_programs(ours: &[u32]) -> Vec<String> {
         .collect()
 }
 
+/// CPU model, cores, kernel and memory, for the table's caption.
+pub fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim()))
+        .unwrap_or("unknown CPU");
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let memory_kib: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    format!(
+        "Machine: {model}, {cores} cores, {:.1} GiB memory, kernel {}",
+        memory_kib as f64 / (1024.0 * 1024.0),
+        kernel.trim()
+    )
+}
+
 /// Where a process's standard output goes when it is not read.
 pub fn null() -> Stdio {
     Stdio::null()
