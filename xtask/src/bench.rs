@@ -386,6 +386,7 @@ impl Bench<'_> {
                 if !system::wait_for(Duration::from_secs(30), || {
                     process.is_running() && daemon.metrics().is_ok()
                 }) {
+                    system::check_interrupted()?;
                     bail!("the observer daemon did not start serving metrics (see its log above)");
                 }
                 if config == Config::ObserverIdle {
@@ -423,6 +424,7 @@ impl Bench<'_> {
                 !process.is_running() || system::has_attached(pid)
             }) || !process.is_running()
             {
+                system::check_interrupted()?;
                 bail!("{} did not attach (or exited)", process.name);
             }
         }

@@ -303,7 +303,7 @@ pub fn foreign_tracing_programs(ours: &[u32]) -> Vec<String> {
                 program["type"].as_str().unwrap_or("?"),
                 program["name"].as_str().unwrap_or("?"),
                 if owners.is_empty() {
-                    "pinned or unknown owner".to_string()
+                    "owner not shown by this bpftool".to_string()
                 } else {
                     owners.join(", ")
                 }
