@@ -151,6 +151,8 @@ struct Measure {
     bpf: Option<ProgramStats>,
     cpu_seconds: Option<f64>,
     peak_rss_kib: Option<u64>,
+    /// Resident at the end of the churn (idle connections still open).
+    rss_kib: Option<u64>,
     tracked_sockets: Option<u64>,
     /// Lost while the idle connections were all opened at once, before the churn.
     setup_lost: Option<u64>,
@@ -336,6 +338,7 @@ impl Bench<'_> {
                 _ => None,
             };
             measure.tracked_sockets = Some(after.sum("observer_tracker_sockets") as u64);
+            measure.rss_kib = system::rss_kib(daemon.pid);
             measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
         }
         if let (Some(daemon), Some(idle)) = (&running.daemon, running.idle.take()) {
@@ -663,9 +666,9 @@ fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| configuration | connections/s (median) | ratio (median per round) | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | peak RSS MiB |"
+        "| configuration | connections/s (median) | ratio (median per round) | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &config in configs {
         let Some(measures) = results.get(config.name()) else { continue };
         let total = |f: &dyn Fn(&Measure) -> Option<u64>| -> Option<u64> {
@@ -714,12 +717,11 @@ fn table(
             ),
             _ => ("-".into(), "-".into()),
         };
-        let rss = measures
-            .iter()
-            .filter_map(|m| m.peak_rss_kib)
-            .max()
-            .map(|kib| format!("{:.1}", kib as f64 / 1024.0))
-            .unwrap_or_else(|| "-".into());
+        let mib = |kib: Option<u64>| {
+            kib.map(|kib| format!("{:.1}", kib as f64 / 1024.0)).unwrap_or_else(|| "-".into())
+        };
+        let rss = mib(measures.iter().filter_map(|m| m.rss_kib).max());
+        let peak_rss = mib(measures.iter().filter_map(|m| m.peak_rss_kib).max());
         // Ratios are taken round by round (each against the baseline of its own round),
         // then the median: a neighbour's compile burst spoils one round, not the table.
         let rate = median(rates(config));
@@ -735,7 +737,7 @@ fn table(
         };
         let _ = writeln!(
             out,
-            "| {name} | {rate:.0} | {ratio:.3} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} |",
+            "| {name} | {rate:.0} | {ratio:.3} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} |",
         );
     }
     let teardown_lost: Option<u64> =
