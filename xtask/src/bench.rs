@@ -206,8 +206,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let measure = bench
                 .measure(config)
                 .with_context(|| format!("round {round}, {}", config.name()))?;
+            let lost = match (measure.lost, measure.bpf) {
+                (Some(lost), Some(bpf)) if lost > 0 => format!(
+                    ", {lost} events lost ({} runs skipped by the kernel as nested)",
+                    bpf.recursion_misses
+                ),
+                (Some(lost), _) if lost > 0 => format!(", {lost} events lost"),
+                _ => String::new(),
+            };
             println!(
-                "bench: round {round}/{}: {:<13} {:>9.0} connections/s ({} threads)",
+                "bench: round {round}/{}: {:<13} {:>9.0} connections/s ({} threads){lost}",
                 options.rounds,
                 config.name(),
                 measure.connections_per_second,

@@ -177,6 +177,8 @@ pub struct ProgramStats {
     pub programs: u32,
     pub run_time_ns: u64,
     pub run_count: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU.
+    pub recursion_misses: u64,
 }
 
 impl ProgramStats {
@@ -209,6 +211,7 @@ impl ProgramStats {
             stats.programs += 1;
             stats.run_time_ns += field("run_time_ns:");
             stats.run_count += field("run_cnt:");
+            stats.recursion_misses += field("recursion_misses:");
         }
         stats
     }
@@ -218,6 +221,7 @@ impl ProgramStats {
             programs: self.programs,
             run_time_ns: self.run_time_ns.saturating_sub(before.run_time_ns),
             run_count: self.run_count.saturating_sub(before.run_count),
+            recursion_misses: self.recursion_misses.saturating_sub(before.recursion_misses),
         }
     }
 
@@ -225,6 +229,7 @@ impl ProgramStats {
         self.programs += other.programs;
         self.run_time_ns += other.run_time_ns;
         self.run_count += other.run_count;
+        self.recursion_misses += other.recursion_misses;
     }
 }
 
