@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::command::{exec, output};
 
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// apt with its own sources, lists and cache under `dir`.
 pub struct PrivateApt {

@@ -90,15 +90,19 @@ pub fn test_tools() -> anyhow::Result<()> {
 }
 
 /// What `bench` drives: the peers it compares with, bpftool (who else has programs
-/// attached), unshare (a private tracefs mount) and dpkg (unpacking libbpf-tools).
+/// attached), unshare (a private tracefs mount), dpkg and Debian's archive keyring
+/// (fetching and unpacking libbpf-tools).
 pub fn bench_tools() -> anyhow::Result<()> {
-    let missing = missing_packages(&[
+    let mut missing = missing_packages(&[
         ("ip", "iproute2"),
         ("bpftrace", "bpftrace"),
         ("bpftool", "bpftool"),
         ("unshare", "util-linux"),
         ("dpkg", "dpkg"),
     ]);
+    if !std::path::Path::new(crate::apt::KEYRING).exists() {
+        missing.push("debian-archive-keyring");
+    }
     Apt::default().install(&missing, "the bench")
 }
 
