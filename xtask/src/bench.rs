@@ -189,7 +189,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         None
     };
 
-    let foreign = system::foreign_tracing_programs(&[]);
+    let foreign = system::foreign_tracing_programs();
     warn_foreign(&foreign);
     let _stats = BpfStats::enable()?;
     let namespace = Namespace::create()?;
@@ -224,7 +224,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             results.entry(config.name()).or_default().push(measure);
         }
     }
-    let after = system::foreign_tracing_programs(&[]);
+    let after = system::foreign_tracing_programs();
     warn_foreign(&after);
     println!();
     println!("{}\n", system::machine());

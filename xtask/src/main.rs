@@ -9,6 +9,8 @@
 //!   QEMU guests running other kernels.
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
+//! * `cargo xtask bench`: connection churn with no observer, observer, bpftrace and
+//!   libbpf-tools (docs/benchmarks.md); `--pipeline` for the userspace pipeline alone.
 //!
 //! All start with [`bootstrap`], which installs only what is missing and says so.
 

@@ -277,9 +277,10 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// BPF tracing programs loaded by others (bpftool's view), e.g. other observer daemons
-/// of this shared host: they run on every transition of the bench too, baseline included.
-pub fn foreign_tracing_programs(ours: &[u32]) -> Vec<String> {
+/// BPF tracing programs loaded while none of the bench's tools run (bpftool's view),
+/// e.g. other observer daemons of a shared host: they run on every transition of the
+/// bench too, the baseline included.
+pub fn foreign_tracing_programs() -> Vec<String> {
     let Some(json) = output(Command::new("bpftool").args(["prog", "show", "--json"])) else {
         return vec!["(bpftool prog show failed: cannot tell)".to_string()];
     };
@@ -293,12 +294,6 @@ pub fn foreign_tracing_programs(ours: &[u32]) -> Vec<String> {
                 program["type"].as_str(),
                 Some("tracing" | "raw_tracepoint" | "tracepoint" | "kprobe" | "perf_event")
             )
-        })
-        .filter(|program| {
-            !program["pids"].as_array().is_some_and(|pids| {
-                pids.iter()
-                    .any(|pid| pid["pid"].as_u64().is_some_and(|pid| ours.contains(&(pid as u32))))
-            })
         })
         .map(|program| {
             let owners: Vec<String> = program["pids"]
