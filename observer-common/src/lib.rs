@@ -22,6 +22,12 @@ pub const NO_REASON: u32 = u32::MAX;
 /// SCTP and MPTCP sockets, which are filtered out in the kernel.
 pub const IPPROTO_TCP: u32 = 6;
 
+/// Ring-buffer wake-ups are batched: a record wakes the daemon only if its CPU has not
+/// woken it for this long (or an eighth of the ring is waiting); the records in between
+/// are collected by the daemon's drain this long after each wake-up. Waking the reader
+/// per record costs more than recording it at high connection rates.
+pub const WAKEUP_INTERVAL_NS: u64 = 10_000_000;
+
 /// What a ring-buffer record is; the first `u32` of every record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

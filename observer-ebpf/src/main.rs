@@ -23,6 +23,7 @@ use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
 
 use aya_ebpf::{
     EbpfContext as _, Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{
@@ -37,7 +38,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use observer_common::{
     ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, Owner, OwnerEvent, ProgramConfig,
-    ResetEvent, SockField, StateEvent, TaskConfig,
+    ResetEvent, SockField, StateEvent, TaskConfig, WAKEUP_INTERVAL_NS,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
@@ -60,6 +61,10 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 + TRACEPOINTS, 0
 /// Per CPU and tracepoint: 1 while the primary program runs.
 #[map]
 static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(TRACEPOINTS, 0);
+
+/// Per CPU: when a record of this CPU last woke the daemon ([`wakeup_flags`]).
+#[map]
+static WOKEN_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const TRACEPOINTS: u32 = 3;
 const STATE: u32 = 0;
@@ -237,7 +242,9 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: *mut c_v
             _ => (*event).owner = Owner::NONE,
         }
     }
-    entry.submit(0);
+    // SAFETY: the header was written above.
+    let now = unsafe { (*event).header.timestamp_ns };
+    entry.submit(wakeup_flags(now));
 }
 
 /// Writes the task making the current system call into `owner` (in place: the
@@ -317,12 +324,14 @@ fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
         return;
     };
     let event: *mut OwnerEvent = entry.as_mut_ptr();
+    let header = header(EventKind::Accepted, sk, cookie);
+    let now = header.timestamp_ns;
     // SAFETY: a reserved record of the right size, fully written before submit.
     unsafe {
-        (*event).header = header(EventKind::Accepted, sk, cookie);
+        (*event).header = header;
         write_current_owner(addr_of_mut!((*event).owner));
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags(now));
 }
 
 /// The pointer at `base + offset`, or 0 if absent or unreadable.
@@ -378,7 +387,7 @@ fn record_reset(
         answers_packet: answers_packet as u32,
         _pad: 0,
     };
-    if EVENTS.output::<ResetEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ResetEvent>(&event, wakeup_flags(event.header.timestamp_ns)).is_err() {
         count_lost();
         warn!(ctx, "ring buffer full: reset lost");
     }
@@ -511,6 +520,26 @@ fn read_u8(base: u64, offset: u32) -> u32 {
         )
     };
     byte as u32
+}
+
+/// Wakes the daemon for the first record after [`WAKEUP_INTERVAL_NS`] of this CPU, or
+/// when an eighth of the ring is waiting (whatever `--bpf.ring-buffer-bytes` is);
+/// otherwise leaves the record to the daemon's follow-up drain (see
+/// `observer_common::WAKEUP_INTERVAL_NS`).
+#[inline(always)]
+fn wakeup_flags(now_ns: u64) -> u64 {
+    let Some(woken_at) = WOKEN_AT.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU slot; a nested run on this CPU at worst wakes once more.
+    unsafe {
+        if now_ns.wrapping_sub(*woken_at) >= WAKEUP_INTERVAL_NS
+            || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 8
+        {
+            *woken_at = now_ns;
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
 }
 
 #[inline(always)]

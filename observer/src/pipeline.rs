@@ -11,6 +11,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use observer_common::WAKEUP_INTERVAL_NS;
 use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,10 @@ use crate::{
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How often the lost-event count is read from the kernel under load.
 const LOST_REFRESH_NS: u64 = 100_000_000;
+/// The eBPF side wakes us at most once per [`WAKEUP_INTERVAL_NS`] per CPU; what it
+/// records in between is collected by a drain this long after each wake-up (the
+/// margin covers records reserved at the end of the interval and not yet committed).
+const FOLLOW_UP_NS: u64 = WAKEUP_INTERVAL_NS + 1_000_000;
 
 /// Where events and verdicts go besides the metrics.
 pub trait Sink {
@@ -76,8 +81,15 @@ impl<S: Sink> Pipeline<S> {
                 .ok(),
             None => None,
         };
+        // When the drain that collects un-signalled records is due (see FOLLOW_UP_NS).
+        let mut follow_up: Option<u64> = None;
         loop {
-            let wait = state.next_wake();
+            let wait = match follow_up {
+                Some(at) => {
+                    state.next_wake().min(Duration::from_nanos(at.saturating_sub(monotonic_ns())))
+                }
+                None => state.next_wake(),
+            };
             tokio::select! {
                 guard = readable(&mut logger), if logger.is_some() => {
                     if let Ok(mut guard) = guard {
@@ -92,6 +104,7 @@ impl<S: Sink> Pipeline<S> {
                     })?;
                     state.drain(guard.get_inner_mut());
                     guard.clear_ready();
+                    follow_up = Some(monotonic_ns() + FOLLOW_UP_NS);
                 }
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => break,
@@ -99,7 +112,11 @@ impl<S: Sink> Pipeline<S> {
             // Read the clock first: every record reserved before `now` is drained below,
             // so windows that ended by `now` have all their evidence.
             let now = monotonic_ns();
-            state.drain(ring.get_mut());
+            let drained = state.drain(ring.get_mut());
+            if follow_up.is_some_and(|at| now >= at) {
+                // Records still coming without wake-ups: look again one interval later.
+                follow_up = (drained > 0).then_some(now + FOLLOW_UP_NS);
+            }
             state.settle(&mut lost, now);
         }
         state.drain(ring.get_mut());
@@ -142,10 +159,13 @@ impl<S: Sink> Running<S> {
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// Processes every record in the ring; returns how many there were.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
         let shared = Arc::clone(&self.tracker);
         let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut records = 0;
         while let Some(record) = ring.next() {
+            records += 1;
             let event = self.decoder.decode(&record);
             drop(record);
             match event {
@@ -158,6 +178,7 @@ impl<S: Sink> Running<S> {
         }
         drop(tracker);
         self.sink.flush();
+        records
     }
 
     fn ingest(&mut self, tracker: &mut Tracker, event: &SocketEvent) {

@@ -1,17 +1,801 @@
-//! `cargo xtask bench`: the userspace pipeline's speed and memory figures
-//! (observer/benches/tracker.rs). The kernel side is measured by the burst scenario of
-//! the integration tests (events per burst, events lost).
+//! `cargo xtask bench`: connection churn with no observer, with observer, and with its
+//! peers (a bpftrace one-liner, bcc's libbpf-tools), interleaved round by round, and a
+//! table of ratios against "no observer" from the same run (docs/benchmarks.md).
+//!
+//! `cargo xtask bench --pipeline` runs the userspace pipeline's own figures instead
+//! (observer/benches/tracker.rs).
+
+mod peers;
+mod system;
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::Read as _,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
 
 use crate::{
     bootstrap,
-    command::{cargo, exec},
+    command::{cargo, exec, is_root, target_dir},
 };
+use system::{BpfStats, Namespace, Process, ProgramStats};
 
-pub fn run() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only the userspace pipeline's figures (cargo bench, no root needed).
+    #[arg(long)]
+    pipeline: bool,
+    /// Churn time per configuration and round, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Rounds; each runs every configuration once, in turn.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Load generator threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Weights of the connection endings: fin, rst (SO_LINGER {1,0}), refused.
+    #[arg(long, default_value = "fin=1,rst=1,refused=1")]
+    mix: String,
+    /// Idle connections (both ends tracked) held open in the "observer + idle" runs;
+    /// 0 skips them.
+    #[arg(long, default_value_t = 100_000)]
+    idle: usize,
+    /// Configurations besides "none", comma-separated: observer, bpftrace,
+    /// libbpf-tools, observer-idle (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Extra flag for the observer daemon (repeatable), e.g. --daemon-arg=--bpf.ring-buffer-bytes=1048576.
+    #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+    daemon_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Config {
+    None,
+    Observer,
+    Bpftrace,
+    LibbpfTools,
+    ObserverIdle,
+}
+
+impl Config {
+    const ALL: [Config; 5] = [
+        Config::None,
+        Config::Observer,
+        Config::Bpftrace,
+        Config::LibbpfTools,
+        Config::ObserverIdle,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::Observer => "observer",
+            Config::Bpftrace => "bpftrace",
+            Config::LibbpfTools => "libbpf-tools",
+            Config::ObserverIdle => "observer-idle",
+        }
+    }
+
+    fn is_observer(self) -> bool {
+        matches!(self, Config::Observer | Config::ObserverIdle)
+    }
+}
+
+/// The load generator's report (tests/src/bin/churn.rs).
+#[derive(Debug, Deserialize)]
+struct Churn {
+    connections_per_second: f64,
+    connections: Kinds,
+    failed: Kinds,
+    threads: usize,
+    ports: Ports,
+    first_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+struct Kinds {
+    fin: u64,
+    rst: u64,
+    refused: u64,
+}
+
+impl Kinds {
+    fn total(self) -> u64 {
+        self.fin + self.rst + self.refused
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Ports {
+    fin: Vec<u16>,
+    rst: Vec<u16>,
+    refused: Vec<u16>,
+}
+
+// What each ending produces at the tracepoints, measured on loopback (docs/benchmarks.md):
+// fin: client 7>2>1>4>5>7, server child 10>3>1>8>9>7 = 10 transitions;
+// rst: client 7>2>1>7, server 10>3>1>7 = 6, plus the RST sent and the RST received;
+// refused: 7>2>7 = 2, plus the RST received (the RST sent answers no socket: not recorded).
+const TRANSITIONS: Kinds = Kinds { fin: 10, rst: 6, refused: 2 };
+const RESETS: Kinds = Kinds { fin: 0, rst: 2, refused: 1 };
+/// Every listener: CLOSE > LISTEN at start and LISTEN > CLOSE at exit.
+const LISTENER_TRANSITIONS: u64 = 2;
+/// Verdicts (observer_tcp_closes_total) per connection: both ends, or the refused client.
+const CLOSES: Kinds = Kinds { fin: 2, rst: 2, refused: 1 };
+
+/// One configuration's figures in one round.
+#[derive(Debug, Default, Clone)]
+struct Measure {
+    connections_per_second: f64,
+    threads: usize,
+    failed: u64,
+    expected_transitions: u64,
+    expected_closes: u64,
+    /// observer: observer_events_total; bpftrace: its count.
+    events: Option<u64>,
+    expected_events: u64,
+    transitions: Option<u64>,
+    closes: Option<u64>,
+    lost: Option<u64>,
+    bpf: Option<ProgramStats>,
+    cpu_seconds: Option<f64>,
+    peak_rss_kib: Option<u64>,
+    /// Resident at the end of the churn (idle connections still open).
+    rss_kib: Option<u64>,
+    tracked_sockets: Option<u64>,
+    /// Lost while the idle connections were all opened at once, before the churn.
+    setup_lost: Option<u64>,
+    /// Lost while the idle connections all closed at once, after the churn.
+    teardown_lost: Option<u64>,
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
     let tools = bootstrap::build_tools()?;
+    if options.pipeline {
+        return exec(
+            cargo()
+                .args(["bench", "--package", "observer", "--bench", "tracker"])
+                .env("OBSERVER_BPF_TOOLCHAIN", &tools.bpf_toolchain),
+        );
+    }
+    if !is_root() {
+        bail!(
+            "the churn bench needs root (network namespace, eBPF); rerun as root, or use --pipeline"
+        );
+    }
+    let configs = selected(&options)?;
+    bootstrap::bench_tools()?;
+    system::catch_interrupts();
     exec(
         cargo()
-            .args(["bench", "--package", "observer", "--bench", "tracker"])
+            .args(["build", "--release", "--package", "observer", "--bin", "observer"])
             .env("OBSERVER_BPF_TOOLCHAIN", &tools.bpf_toolchain),
-    )
+    )?;
+    exec(cargo().args(["build", "--release", "--package", "observer-tests", "--bin", "churn"]))?;
+    let libbpf_tools = if configs.contains(&Config::LibbpfTools) {
+        Some(peers::LibbpfTools::install(&target_dir().join("bench"))?)
+    } else {
+        None
+    };
+
+    let foreign = system::foreign_tracing_programs();
+    warn_foreign(&foreign);
+    let _stats = BpfStats::enable()?;
+    let namespace = Namespace::create()?;
+    let bench =
+        Bench { options: &options, namespace: &namespace, libbpf_tools: libbpf_tools.as_ref() };
+
+    let mut results: HashMap<&'static str, Vec<Measure>> = HashMap::new();
+    for round in 1..=options.rounds {
+        // Each round starts one configuration later, so no configuration always runs
+        // first (or right after a heavier one).
+        let start = (round as usize - 1) % configs.len();
+        for &config in configs[start..].iter().chain(&configs[..start]) {
+            system::check_interrupted()?;
+            let measure = bench
+                .measure(config)
+                .with_context(|| format!("round {round}, {}", config.name()))?;
+            let lost = match (measure.lost, measure.bpf) {
+                (Some(lost), Some(bpf)) if lost > 0 => format!(
+                    ", {lost} events lost ({} runs skipped by the kernel as nested)",
+                    bpf.recursion_misses
+                ),
+                (Some(lost), _) if lost > 0 => format!(", {lost} events lost"),
+                _ => String::new(),
+            };
+            println!(
+                "bench: round {round}/{}: {:<13} {:>9.0} connections/s ({} threads){lost}",
+                options.rounds,
+                config.name(),
+                measure.connections_per_second,
+                measure.threads
+            );
+            results.entry(config.name()).or_default().push(measure);
+        }
+    }
+    let after = system::foreign_tracing_programs();
+    warn_foreign(&after);
+    println!();
+    println!("{}\n", system::machine());
+    print!("{}", table(&configs, &results, options.idle, !foreign.is_empty() || !after.is_empty()));
+    Ok(())
+}
+
+fn selected(options: &Options) -> anyhow::Result<Vec<Config>> {
+    let mut configs = vec![Config::None];
+    for config in Config::ALL.into_iter().skip(1) {
+        let wanted =
+            options.only.is_empty() || options.only.iter().any(|name| name == config.name());
+        if wanted && !(config == Config::ObserverIdle && options.idle == 0) {
+            configs.push(config);
+        }
+    }
+    for name in &options.only {
+        if !Config::ALL.iter().any(|config| config.name() == name) {
+            bail!(
+                "--only {name}: unknown configuration (observer, bpftrace, libbpf-tools, observer-idle)"
+            );
+        }
+    }
+    Ok(configs)
+}
+
+fn warn_foreign(programs: &[String]) {
+    if programs.is_empty() {
+        return;
+    }
+    eprintln!(
+        "bench: WARNING: BPF tracing programs of other processes are loaded; they run on the \
+         bench's transitions too (the \"none\" baseline included), so the figures are disturbed:"
+    );
+    for program in programs {
+        eprintln!("bench:   {program}");
+    }
+}
+
+struct Bench<'a> {
+    options: &'a Options,
+    namespace: &'a Namespace,
+    libbpf_tools: Option<&'a peers::LibbpfTools>,
+}
+
+/// The tool under test, running.
+struct Running {
+    processes: Vec<Process>,
+    daemon: Option<Daemon>,
+    /// libbpf-tools report lost events on stderr; these threads add them up.
+    lost_counters: Vec<std::thread::JoinHandle<u64>>,
+    /// With observer-idle: the idle connections, open while the daemon runs.
+    idle: Option<IdleConnections>,
+}
+
+impl Bench<'_> {
+    fn measure(&self, config: Config) -> anyhow::Result<Measure> {
+        let mut running = self.start(config)?;
+        let pids: Vec<u32> = running.processes.iter().map(Process::pid).collect();
+        let bpf_before = program_stats(&pids);
+        let metrics_before = match &running.daemon {
+            Some(daemon) => Some(daemon.metrics()?),
+            None => None,
+        };
+        let cpu_before = running.daemon.as_ref().and_then(|d| system::cpu_seconds(d.pid));
+
+        let churn = self.churn()?;
+        system::check_interrupted()?;
+
+        let mut measure = Measure {
+            connections_per_second: churn.connections_per_second,
+            threads: churn.threads,
+            failed: churn.failed.total(),
+            ..Measure::default()
+        };
+        let listeners = (churn.ports.fin.len() + churn.ports.rst.len()) as u64;
+        let c = churn.connections;
+        measure.expected_transitions = c.fin * TRANSITIONS.fin
+            + c.rst * TRANSITIONS.rst
+            + c.refused * TRANSITIONS.refused
+            + listeners * LISTENER_TRANSITIONS;
+        measure.expected_events = measure.expected_transitions
+            + c.fin * RESETS.fin
+            + c.rst * RESETS.rst
+            + c.refused * RESETS.refused;
+        measure.expected_closes =
+            c.fin * CLOSES.fin + c.rst * CLOSES.rst + c.refused * CLOSES.refused;
+        if let Some(error) = &churn.first_error {
+            eprintln!(
+                "bench: {}: {} connections failed, first: {error}",
+                config.name(),
+                measure.failed
+            );
+        }
+
+        if let (Some(daemon), Some(before)) = (&running.daemon, &metrics_before) {
+            // Verdicts come 100 ms after each close; wait until the churn's are all in
+            // (or stop coming), then read everything.
+            let churn_closes = |metrics: &Metrics| {
+                closes_on(metrics, &churn.ports) - closes_on(before, &churn.ports)
+            };
+            let mut last = 0.0;
+            let mut stable = 0;
+            system::wait_for(Duration::from_secs(15), || {
+                let Ok(metrics) = daemon.metrics() else { return false };
+                let closes = churn_closes(&metrics);
+                stable = if closes == last { stable + 1 } else { 0 };
+                last = closes;
+                closes >= measure.expected_closes as f64 || stable >= 10
+            });
+            let after = daemon.metrics()?;
+            let delta = |name: &str| (after.sum(name) - before.sum(name)).max(0.0) as u64;
+            measure.events = Some(delta("observer_events_total"));
+            measure.transitions = Some(delta("observer_tcp_transitions_total"));
+            measure.lost = Some(delta("observer_events_lost_total"));
+            measure.closes = Some(churn_closes(&after) as u64);
+            measure.cpu_seconds = match (cpu_before, system::cpu_seconds(daemon.pid)) {
+                (Some(before), Some(after)) => Some(after - before),
+                _ => None,
+            };
+            measure.tracked_sockets = Some(after.sum("observer_tracker_sockets") as u64);
+            measure.rss_kib = system::rss_kib(daemon.pid);
+            measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
+        }
+        if let (Some(daemon), Some(idle)) = (&running.daemon, running.idle.take()) {
+            measure.setup_lost = Some(idle.setup_lost);
+            measure.tracked_sockets = measure.tracked_sockets.max(Some(idle.tracked));
+            measure.teardown_lost = Some(idle.release(daemon)?);
+            measure.peak_rss_kib = system::peak_rss_kib(daemon.pid);
+        }
+        if !pids.is_empty() {
+            measure.bpf = Some(program_stats(&pids).since(bpf_before));
+        }
+        for process in &mut running.processes {
+            if !process.is_running() {
+                bail!("{} exited during the run", process.name);
+            }
+        }
+        if config == Config::Bpftrace {
+            measure.events = running.stop_bpftrace();
+        }
+        for process in &mut running.processes {
+            process.stop(libc::SIGINT);
+        }
+        let peer_lost: Option<u64> =
+            running.lost_counters.drain(..).map(|counter| counter.join().ok()).sum();
+        if config == Config::LibbpfTools {
+            measure.lost = peer_lost;
+        }
+        drop(running);
+        Ok(measure)
+    }
+
+    fn start(&self, config: Config) -> anyhow::Result<Running> {
+        let mut running =
+            Running { processes: Vec::new(), daemon: None, lost_counters: Vec::new(), idle: None };
+        match config {
+            Config::None => {}
+            Config::Observer | Config::ObserverIdle => {
+                let port = free_port()?;
+                let mut command = std::process::Command::new(target_dir().join("release/observer"));
+                command
+                    .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                    // Losses are in the table; one warning per lost record would flood it.
+                    .arg("--log.level=error")
+                    .args(&self.options.daemon_args)
+                    .stdout(system::null());
+                let mut process = Process::spawn("observer", &mut command)?;
+                let daemon = Daemon::new(process.pid(), port);
+                if !system::wait_for(Duration::from_secs(30), || {
+                    process.is_running() && daemon.metrics().is_ok()
+                }) {
+                    system::check_interrupted()?;
+                    bail!("the observer daemon did not start serving metrics (see its log above)");
+                }
+                if config == Config::ObserverIdle {
+                    running.idle = Some(self.hold_idle(&daemon)?);
+                }
+                running.daemon = Some(daemon);
+                running.processes.push(process);
+            }
+            Config::Bpftrace => {
+                let mut command =
+                    system::with_tracefs("bpftrace".as_ref(), &["-e", peers::BPFTRACE_PROGRAM]);
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+                running.processes.push(Process::spawn("bpftrace", &mut command)?);
+            }
+            Config::LibbpfTools => {
+                let tools = self.libbpf_tools.context("libbpf-tools not installed")?;
+                for name in ["tcpstates", "tcplife"] {
+                    let (loader, args) = tools.command(name);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let mut command = system::with_tracefs(&loader, &args);
+                    command.stdout(system::null()).stderr(Stdio::piped());
+                    let mut process = Process::spawn(name, &mut command)?;
+                    if let Some(stderr) = process.child().stderr.take() {
+                        running.lost_counters.push(std::thread::spawn(move || {
+                            peers::count_lost(std::io::BufReader::new(stderr))
+                        }));
+                    }
+                    running.processes.push(process);
+                }
+            }
+        }
+        for process in &mut running.processes {
+            let pid = process.pid();
+            if !system::wait_for(Duration::from_secs(30), || {
+                !process.is_running() || system::has_attached(pid)
+            }) || !process.is_running()
+            {
+                system::check_interrupted()?;
+                bail!("{} did not attach (or exited)", process.name);
+            }
+        }
+        Ok(running)
+    }
+
+    /// Runs the load and returns its report.
+    fn churn(&self) -> anyhow::Result<Churn> {
+        let mut command =
+            self.namespace.command(&target_dir().join("release/churn").display().to_string());
+        command
+            .arg(format!("--duration={}s", self.options.duration.as_secs_f64()))
+            .arg(format!("--mix={}", self.options.mix))
+            .stdout(Stdio::piped());
+        if let Some(threads) = self.options.threads {
+            command.arg(format!("--threads={threads}"));
+        }
+        let mut process = Process::spawn("churn", &mut command)?;
+        let mut text = String::new();
+        if let Some(stdout) = process.child().stdout.as_mut() {
+            stdout.read_to_string(&mut text)?;
+        }
+        let status = process.child().wait()?;
+        if !status.success() {
+            bail!("the load generator failed ({status})");
+        }
+        serde_json::from_str(text.trim())
+            .with_context(|| format!("unreadable load generator report: {text}"))
+    }
+
+    /// Opens the idle connections (in the bench namespace, tracked by `daemon`) and
+    /// waits until the daemon has taken them all in.
+    fn hold_idle(&self, daemon: &Daemon) -> anyhow::Result<IdleConnections> {
+        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        let mut command =
+            self.namespace.command(&target_dir().join("release/churn").display().to_string());
+        command
+            .arg(format!("--idle={}", self.options.idle))
+            .arg("--idle-only")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut holder = Process::spawn("churn --idle-only", &mut command)?;
+        let mut line = String::new();
+        if let Some(stdout) = holder.child().stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        }
+        if line.trim().is_empty() {
+            bail!("opening {} idle connections failed", self.options.idle);
+        }
+        settle(daemon);
+        let metrics = daemon.metrics()?;
+        let setup_lost = (metrics.sum("observer_events_lost_total") - before).max(0.0) as u64;
+        let tracked = metrics.sum("observer_tracker_sockets") as u64;
+        Ok(IdleConnections { holder, setup_lost, tracked })
+    }
+}
+
+/// Waits until the daemon's transition count stops moving (its lost count is
+/// refreshed every 100 ms, so that is read a little later).
+fn settle(daemon: &Daemon) {
+    let mut last = f64::NAN;
+    system::wait_for(Duration::from_secs(30), || {
+        let Ok(metrics) = daemon.metrics() else { return false };
+        let transitions = metrics.sum("observer_tcp_transitions_total");
+        let settled = transitions == last;
+        last = transitions;
+        settled
+    });
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Idle connections held open by a `churn --idle-only` process.
+struct IdleConnections {
+    holder: Process,
+    /// Events lost while they were all opened at once.
+    setup_lost: u64,
+    /// observer_tracker_sockets once they were all open.
+    tracked: u64,
+}
+
+impl IdleConnections {
+    /// Closes them all at once; returns the events lost meanwhile.
+    fn release(mut self, daemon: &Daemon) -> anyhow::Result<u64> {
+        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        drop(self.holder.child().stdin.take());
+        let status = self.holder.child().wait()?;
+        if !status.success() {
+            bail!("the idle connection holder failed ({status})");
+        }
+        settle(daemon);
+        Ok((daemon.metrics()?.sum("observer_events_lost_total") - before).max(0.0) as u64)
+    }
+}
+
+impl Running {
+    /// Stops bpftrace with SIGINT, which makes it print its count.
+    fn stop_bpftrace(&mut self) -> Option<u64> {
+        let process = self.processes.first_mut()?;
+        process.stop(libc::SIGINT);
+        let mut text = String::new();
+        process.child().stdout.as_mut()?.read_to_string(&mut text).ok()?;
+        peers::bpftrace_count(&text)
+    }
+}
+
+fn program_stats(pids: &[u32]) -> ProgramStats {
+    let mut total = ProgramStats::default();
+    for &pid in pids {
+        total.add(ProgramStats::of_process(pid));
+    }
+    total
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The bench's observer daemon, scraped once a second as Prometheus would.
+struct Daemon {
+    pid: u32,
+    url: String,
+    agent: ureq::Agent,
+    scraping: Arc<AtomicBool>,
+    scraper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn new(pid: u32, port: u16) -> Self {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let agent = ureq::Agent::new_with_defaults();
+        let scraping = Arc::new(AtomicBool::new(true));
+        let scraper = {
+            let (url, agent, scraping) = (url.clone(), agent.clone(), scraping.clone());
+            std::thread::spawn(move || {
+                while scraping.load(Ordering::Relaxed) {
+                    let _ = agent.get(&url).call().and_then(|mut r| r.body_mut().read_to_string());
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        };
+        Self { pid, url, agent, scraping, scraper: Some(scraper) }
+    }
+
+    fn metrics(&self) -> anyhow::Result<Metrics> {
+        let text = self.agent.get(&self.url).call()?.body_mut().read_to_string()?;
+        Ok(Metrics::parse(&text))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.scraping.store(false, Ordering::Relaxed);
+        if let Some(scraper) = self.scraper.take() {
+            let _ = scraper.join();
+        }
+    }
+}
+
+/// One line of a Prometheus text exposition.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// The samples of a Prometheus text exposition.
+struct Metrics(Vec<Sample>);
+
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let value: f64 = value.parse().ok()?;
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let labels = labels
+                    .split(',')
+                    .filter_map(|pair| {
+                        let (key, value) = pair.split_once('=')?;
+                        Some((key.to_string(), value.trim_matches('"').to_string()))
+                    })
+                    .collect();
+                Some(Sample { name: name.to_string(), labels, value })
+            })
+            .collect();
+        Self(samples)
+    }
+
+    fn sum(&self, name: &str) -> f64 {
+        self.0.iter().filter(|sample| sample.name == name).map(|sample| sample.value).sum()
+    }
+}
+
+/// Verdicts on connections to the churn's ports (its namespace's, not the host's).
+fn closes_on(metrics: &Metrics, ports: &Ports) -> f64 {
+    let ours: Vec<String> =
+        ports.fin.iter().chain(&ports.rst).chain(&ports.refused).map(u16::to_string).collect();
+    metrics
+        .0
+        .iter()
+        .filter(|sample| sample.name == "observer_tcp_closes_total")
+        .filter(|sample| {
+            sample.labels.iter().any(|(key, value)| key == "port" && ours.contains(value))
+        })
+        .map(|sample| sample.value)
+        .sum()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn table(
+    configs: &[Config],
+    results: &HashMap<&'static str, Vec<Measure>>,
+    idle: usize,
+    disturbed: bool,
+) -> String {
+    let rates = |config: Config| -> Vec<f64> {
+        results
+            .get(config.name())
+            .map(|m| m.iter().map(|m| m.connections_per_second).collect())
+            .unwrap_or_default()
+    };
+    let baseline = rates(Config::None);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| configuration | connections/s (median) | ratio (median per round) | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &config in configs {
+        let Some(measures) = results.get(config.name()) else { continue };
+        let total = |f: &dyn Fn(&Measure) -> Option<u64>| -> Option<u64> {
+            measures.iter().map(f).sum::<Option<u64>>()
+        };
+        let bpf =
+            measures.iter().filter_map(|m| m.bpf).fold(None, |acc: Option<ProgramStats>, s| {
+                let mut acc = acc.unwrap_or_default();
+                acc.add(s);
+                Some(acc)
+            });
+        let bpf_ns = bpf
+            .filter(|s| s.run_count > 0)
+            .map(|s| format!("{:.0}", s.run_time_ns as f64 / s.run_count as f64))
+            .unwrap_or_else(|| "-".into());
+        let expected_events: u64 = measures.iter().map(|m| m.expected_events).sum();
+        let expected_transitions: u64 = measures.iter().map(|m| m.expected_transitions).sum();
+        // All programs of the configuration (standby twins and reset programs included)
+        // per transition the load made: what one transition costs in the kernel.
+        let bpf_per_transition = bpf
+            .filter(|s| s.run_count > 0)
+            .map(|s| format!("{:.0}", s.run_time_ns as f64 / expected_transitions.max(1) as f64))
+            .unwrap_or_else(|| "-".into());
+        let events = match config {
+            Config::Bpftrace => total(&|m| m.events).map(|seen| (seen, expected_transitions)),
+            _ if config.is_observer() => total(&|m| m.events).map(|seen| (seen, expected_events)),
+            _ => None,
+        };
+        let events = events
+            .map(|(seen, expected)| {
+                format!("{seen}/{expected} ({:.2}%)", 100.0 * seen as f64 / expected.max(1) as f64)
+            })
+            .unwrap_or_else(|| "-".into());
+        let expected_closes: u64 = measures.iter().map(|m| m.expected_closes).sum();
+        let verdicts = total(&|m| m.closes)
+            .map(|seen| format!("{:.2}%", 100.0 * seen as f64 / expected_closes.max(1) as f64))
+            .unwrap_or_else(|| "-".into());
+        let lost = total(&|m| m.lost).map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        let cpu: Option<f64> = measures.iter().map(|m| m.cpu_seconds).sum();
+        let transitions = total(&|m| m.transitions);
+        let (cpu_per_m, core_per_100k) = match (cpu, total(&|m| m.events), transitions) {
+            (Some(cpu), Some(events), Some(transitions)) if events > 0 && transitions > 0 => (
+                format!("{:.2}", cpu / (events as f64 / 1e6)),
+                // CPU seconds for 100k transitions = core fraction at 100k transitions/s.
+                format!("{:.1}%", 100.0 * cpu / (transitions as f64 / 1e5)),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        let mib = |kib: Option<u64>| {
+            kib.map(|kib| format!("{:.1}", kib as f64 / 1024.0)).unwrap_or_else(|| "-".into())
+        };
+        let rss = mib(measures.iter().filter_map(|m| m.rss_kib).max());
+        let peak_rss = mib(measures.iter().filter_map(|m| m.peak_rss_kib).max());
+        // Ratios are taken round by round (each against the baseline of its own round),
+        // then the median: a neighbour's compile burst spoils one round, not the table.
+        let rate = median(rates(config));
+        let ratio = median(
+            rates(config).iter().zip(&baseline).map(|(rate, base)| rate / base.max(1.0)).collect(),
+        );
+        let name = match config {
+            Config::ObserverIdle => format!(
+                "observer + {idle} idle connections ({} tracked sockets)",
+                measures.iter().filter_map(|m| m.tracked_sockets).max().unwrap_or(0)
+            ),
+            _ => config.name().to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {rate:.0} | {ratio:.3} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} |",
+        );
+    }
+    let teardown_lost: Option<u64> =
+        results.values().flatten().filter_map(|m| m.teardown_lost).reduce(|a, b| a + b);
+    let setup_lost: Option<u64> =
+        results.values().flatten().filter_map(|m| m.setup_lost).reduce(|a, b| a + b);
+    if let (Some(setup), Some(teardown)) = (setup_lost, teardown_lost) {
+        let _ = writeln!(
+            out,
+            "\nOutside the churn, events lost when the {idle} idle connections were all opened \
+             at once: {setup}; when they were all closed at once: {teardown}."
+        );
+    }
+    let failed: u64 = results.values().flatten().map(|m| m.failed).sum();
+    if failed > 0 {
+        let _ =
+            writeln!(out, "\n{failed} connection attempts did not end as intended (not counted).");
+    }
+    if disturbed {
+        let _ = writeln!(
+            out,
+            "\nDISTURBED: other processes' BPF tracing programs were loaded during the run (listed above)."
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
+
+    #[test]
+    fn sums_metrics_and_counts_closes_on_the_churn_ports_only() {
+        let metrics = Metrics::parse(
+            "# TYPE observer_events_total counter\n\
+             observer_events_total 12\n\
+             observer_tcp_closes_total{class=\"fin\",cause=\"active\",role=\"client\",port=\"4000\"} 5\n\
+             observer_tcp_closes_total{class=\"rst\",cause=\"refused\",role=\"client\",port=\"4001\"} 2\n\
+             observer_tcp_closes_total{class=\"fin\",cause=\"active\",role=\"client\",port=\"22\"} 7\n",
+        );
+        assert_eq!(metrics.sum("observer_events_total"), 12.0);
+        assert_eq!(metrics.sum("observer_tcp_closes_total"), 14.0);
+        let ports = Ports { fin: vec![4000], rst: vec![], refused: vec![4001] };
+        assert_eq!(closes_on(&metrics, &ports), 7.0);
+    }
 }

@@ -94,6 +94,23 @@ pub fn test_tools() -> anyhow::Result<()> {
     Apt::default().install(&missing, "the integration tests")
 }
 
+/// What `bench` drives: the peers it compares with, bpftool (who else has programs
+/// attached), unshare (a private tracefs mount), dpkg and Debian's archive keyring
+/// (fetching and unpacking libbpf-tools).
+pub fn bench_tools() -> anyhow::Result<()> {
+    let mut missing = missing_packages(&[
+        ("ip", "iproute2"),
+        ("bpftrace", "bpftrace"),
+        ("bpftool", "bpftool"),
+        ("unshare", "util-linux"),
+        ("dpkg", "dpkg"),
+    ]);
+    if !std::path::Path::new(crate::apt::KEYRING).exists() {
+        missing.push("debian-archive-keyring");
+    }
+    Apt::default().install(&missing, "the bench")
+}
+
 /// The packages providing the (program, package) pairs whose program is not on PATH.
 fn missing_packages(programs: &[(&str, &'static str)]) -> Vec<&'static str> {
     let mut missing = Vec::new();

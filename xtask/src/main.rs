@@ -11,9 +11,12 @@
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
 //! * `cargo xtask package`: build and check the Debian package (cargo-deb).
+//! * `cargo xtask bench`: connection churn with no observer, observer, bpftrace and
+//!   libbpf-tools (docs/benchmarks.md); `--pipeline` for the userspace pipeline alone.
 //!
 //! All start with [`bootstrap`], which installs only what is missing and says so.
 
+mod apt;
 mod bench;
 mod bootstrap;
 mod command;
@@ -44,8 +47,9 @@ enum Command {
     Test(test::Options),
     /// Run the integration scenarios in QEMU guests booting other kernels.
     VmTest(vm::Options),
-    /// Print speed and memory figures of the userspace pipeline.
-    Bench,
+    /// Connection churn with no observer, observer, bpftrace and libbpf-tools: a table
+    /// of throughput, BPF cost, completeness, losses, CPU and memory (needs root).
+    Bench(bench::Options),
     /// Memory under a 200k-socket flood and a long steady churn (needs root, slow).
     Soak(soak::Options),
     /// Rerun the integration scenarios, saving their kernel events as replay fixtures
@@ -61,7 +65,7 @@ fn main() -> ExitCode {
         Command::Run(options) => run::run(options),
         Command::Test(options) => test::run(options),
         Command::Record => record::run(),
-        Command::Bench => bench::run(),
+        Command::Bench(options) => bench::run(options),
         Command::Soak(options) => soak::run(options),
         Command::VmTest(options) => vm::run(options),
         Command::Package => package::run(),

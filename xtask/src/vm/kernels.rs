@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::command::{exec, output};
+use crate::{apt::PrivateApt, command::exec};
 
 /// A kernel to boot: its image and, if it has them, its modules.
 pub struct GuestKernel {
@@ -26,8 +26,6 @@ pub struct GuestKernel {
 /// The Debian suites whose kernels we test, by kernel version.
 pub const SUITES: [(&str, &str); 3] =
     [("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
-
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Resolves `--kernel` (a version from [`SUITES`], `all`, or a path to a vmlinuz).
 pub fn resolve(list: &str, cache: &Path) -> anyhow::Result<Vec<GuestKernel>> {
@@ -105,18 +103,7 @@ fn debian(version: &str, suite: &str, cache: &Path) -> anyhow::Result<GuestKerne
         .find(|name| name.starts_with("linux-image-"))
         .with_context(|| format!("no kernel package in {suite}: {depends}"))?
         .to_string();
-    let debs = dir.join("debs");
-    fs::create_dir_all(&debs)?;
-    let mut download = apt.command("apt-get");
-    download.args(["download", "-qq", &package]).current_dir(&debs);
-    exec(&mut download)?;
-    let deb = fs::read_dir(&debs)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .find(|path| {
-            path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&package))
-        })
-        .with_context(|| format!("apt-get download left no {package} .deb"))?;
+    let deb = apt.download(&package, &dir.join("debs"))?;
     let staging = dir.join("root.partial");
     let _ = fs::remove_dir_all(&staging);
     exec(Command::new("dpkg").arg("-x").arg(&deb).arg(&staging))?;
@@ -146,59 +133,4 @@ fn unpacked_kernel(version: &str, root: &Path) -> anyhow::Result<Option<GuestKer
             .find(|dir| dir.is_dir())
     });
     Ok(Some(GuestKernel { label: version.to_string(), vmlinuz, modules, release }))
-}
-
-/// apt with its own sources, lists and cache under `dir`.
-struct PrivateApt {
-    options: Vec<String>,
-}
-
-impl PrivateApt {
-    fn new(dir: &Path, suite: &str) -> anyhow::Result<Self> {
-        if !Path::new(KEYRING).exists() {
-            bail!("{KEYRING} is missing (Debian package debian-archive-keyring)");
-        }
-        let lists = dir.join("apt/lists");
-        let cache = dir.join("apt/cache");
-        fs::create_dir_all(lists.join("partial"))?;
-        fs::create_dir_all(cache.join("archives/partial"))?;
-        let sources = dir.join("apt/sources.list");
-        let line = |url: &str, dist: &str| format!("deb [signed-by={KEYRING}] {url} {dist} main\n");
-        fs::write(
-            &sources,
-            [
-                line("http://deb.debian.org/debian", suite),
-                line("http://deb.debian.org/debian", &format!("{suite}-updates")),
-                line("http://security.debian.org/debian-security", &format!("{suite}-security")),
-            ]
-            .concat(),
-        )?;
-        let options = [
-            format!("Dir::Etc::SourceList={}", sources.display()),
-            "Dir::Etc::SourceParts=/dev/null".to_string(),
-            format!("Dir::State::Lists={}", lists.display()),
-            format!("Dir::Cache={}", cache.display()),
-            // Downloads land in our own directory, which the _apt user cannot enter.
-            "APT::Sandbox::User=root".to_string(),
-        ]
-        .into_iter()
-        .flat_map(|option| ["-o".to_string(), option])
-        .collect();
-        Ok(Self { options })
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(program);
-        command.args(&self.options);
-        command
-    }
-
-    fn apt_get(&self, args: &[&str]) -> anyhow::Result<()> {
-        exec(self.command("apt-get").args(args))
-    }
-
-    fn apt_cache(&self, args: &[&str]) -> anyhow::Result<String> {
-        output(self.command("apt-cache").args(args))
-            .with_context(|| format!("apt-cache {} failed", args.join(" ")))
-    }
 }
