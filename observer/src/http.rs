@@ -26,7 +26,7 @@ use crate::{
     metrics::Metrics,
     owner::{CgroupNames, Process},
     report::{Clock, ConnectionReport, OwnerReport, Status},
-    tracker::Tracker,
+    tracker::{Tracker, service_port},
 };
 
 /// A scrape or a `/connections` request reuses a socket inventory this recent.
@@ -244,15 +244,11 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         if let Some(cookie) = cookie {
             listed.insert((socket.netns, cookie));
         }
-        let port = match socket.role {
-            Role::Server => socket.local.port(),
-            Role::Client => socket.remote.port(),
-            Role::Unknown => match found {
-                Some((diag, index)) => {
-                    snapshot.namespaces[*index].service_port(&listening[*index], diag)
-                }
-                None => socket.local.port().min(socket.remote.port()),
-            },
+        let port = match (socket.role, found) {
+            (Role::Unknown, Some((diag, index))) => {
+                snapshot.namespaces[*index].service_port(&listening[*index], diag)
+            }
+            (role, _) => service_port(role, socket.local, socket.remote),
         };
         let stats = found.and_then(|(diag, _)| diag.stats);
         reports.push(ConnectionReport::open(socket, stats, port, &state.clock, &mut cgroups));

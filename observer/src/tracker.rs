@@ -397,15 +397,7 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
         Outcome::Listener | Outcome::Open => return None,
     };
     let role = tracked.history.role.unwrap_or(Role::Unknown);
-    let port = match role {
-        Role::Server => tracked.local.port(),
-        Role::Client => tracked.remote.port(),
-        Role::Unknown => match (tracked.local.port(), tracked.remote.port()) {
-            (0, remote) => remote,
-            (local, 0) => local,
-            (local, remote) => local.min(remote),
-        },
-    };
+    let port = service_port(role, tracked.local, tracked.remote);
     let states = states_visited(&tracked);
     Some(ClosedConnection {
         closed_at_ns: close.timestamp_ns,
@@ -424,6 +416,20 @@ fn finish(tracked: Tracked) -> Option<ClosedConnection> {
         snapshot: close.snapshot,
         resets: tracked.history.resets,
     })
+}
+
+/// The service port: local for a server (and a listener), remote for a client, and
+/// without a role the lower of the two (services usually have the lower port).
+pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
+    match role {
+        Role::Server => local.port(),
+        Role::Client => remote.port(),
+        Role::Unknown => match (local.port(), remote.port()) {
+            (0, remote) => remote,
+            (local, 0) => local,
+            (local, remote) => local.min(remote),
+        },
+    }
 }
 
 /// The states a socket went through, first to current.

@@ -116,9 +116,9 @@ fn state_counts_match_ss_per_namespace_also_after_a_restart() {
         "observer_tcp_socket_oldest_age_seconds{{netns=\"{server_netns}\",state=\"close_wait\"}}"
     );
     assert!(second.metrics().contains_key(&oldest), "{oldest} missing");
-    let open: Vec<serde_json::Value> = serde_json::from_str(
-        &second.get(&format!("/connections?status=open&netns={server_netns}&state=close_wait")),
-    )
+    let open: Vec<serde_json::Value> = serde_json::from_str(&second.get(&format!(
+        "/connections?status=open&netns={server_netns}&state=close_wait&port={PORT}"
+    )))
     .unwrap();
     assert_eq!(open.len(), CLOSE_WAIT, "open CLOSE_WAIT sockets listed: {open:#?}");
     // Older than this daemon: the role is inferred from the listener, the owner is who

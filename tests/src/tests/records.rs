@@ -51,12 +51,16 @@ fn connections_endpoint_matches_the_schema() {
     drop(leaking);
     daemon().verdicts(&pair.server, 1);
 
-    // Namespace inodes are reused: closed connections only after this namespace's start.
+    // Namespace inodes are reused, within the second an inventory is reused too: only
+    // this test's port, and closed connections only after this namespace's start.
     let netns = pair.server.inode();
     let mut records = Vec::new();
     for query in [
-        format!("/connections?status=open&netns={netns}"),
-        format!("/connections?status=closed&netns={netns}&after={}", pair.server.first_seq),
+        format!("/connections?status=open&netns={netns}&port={PORT}"),
+        format!(
+            "/connections?status=closed&netns={netns}&port={PORT}&after={}",
+            pair.server.first_seq
+        ),
     ] {
         let body = daemon().get(&query);
         let page: Vec<Value> = serde_json::from_str(&body).expect("a JSON array");
