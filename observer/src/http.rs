@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::{
     classify::Role,
-    inventory::{DiagSocket, Inventory, Snapshot},
+    inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
     metrics::Metrics,
     owner::{CgroupNames, Process},
     report::{Clock, ConnectionReport, OwnerReport, Status},
@@ -101,14 +101,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// A socket inventory at most [`INVENTORY_FRESHNESS`] old, also published as metrics.
-    async fn inventory(&self) -> Arc<Snapshot> {
+    /// Brings the live socket counts up to date (at most [`INVENTORY_FRESHNESS`] old).
+    async fn refresh_inventory(&self) {
         let inventory = Arc::clone(&self.inventory);
-        let snapshot =
+        let summary =
             tokio::task::spawn_blocking(move || inventory.refresh(INVENTORY_FRESHNESS)).await;
-        let snapshot = snapshot.unwrap_or_else(|_| self.inventory.latest());
-        self.metrics.set_inventory(&snapshot);
-        snapshot
+        let summary: Arc<Summary> = summary.unwrap_or_else(|_| self.inventory.latest());
+        self.metrics.set_inventory(&summary);
     }
 }
 
@@ -135,7 +134,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    state.inventory().await;
+    state.refresh_inventory().await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
@@ -200,9 +199,10 @@ async fn connections(
 ) -> Json<Vec<ConnectionReport>> {
     let mut selected = Vec::new();
     if filter.status != StatusFilter::Closed && filter.after.is_none() {
-        let snapshot = state.inventory().await;
-        selected
-            .extend(open_connections(&state, &snapshot).into_iter().filter(|r| filter.matches(r)));
+        // Listed afresh: the sockets as they are now, not as the last scrape saw them.
+        let listed = tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
+        let open = open_connections(&state, &listed);
+        selected.extend(open.into_iter().filter(|report| filter.matches(report)));
     }
     if filter.status != StatusFilter::Open {
         let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
@@ -219,13 +219,13 @@ async fn connections(
 /// Every open socket: those the tracker follows (with owner and history), completed
 /// with the inventory's counters, then those only the inventory knows (older than the
 /// daemon and quiet since, TIME_WAIT).
-fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionReport> {
+fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<ConnectionReport> {
     let live: Vec<_> =
         state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
     let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
     let mut by_tuple: HashMap<(u32, SocketAddr, SocketAddr), (u64, usize)> = HashMap::new();
-    let listening: Vec<_> = snapshot.namespaces.iter().map(|n| n.listening_ports()).collect();
-    for (index, namespace) in snapshot.namespaces.iter().enumerate() {
+    let listening: Vec<_> = namespaces.iter().map(|n| n.listening_ports()).collect();
+    for (index, namespace) in namespaces.iter().enumerate() {
         for socket in &namespace.sockets {
             by_cookie.insert((namespace.netns, socket.cookie), (socket, index));
             by_tuple.insert((namespace.netns, socket.local, socket.remote), (socket.cookie, index));
@@ -246,7 +246,7 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         }
         let port = match (socket.role, found) {
             (Role::Unknown, Some((diag, index))) => {
-                snapshot.namespaces[*index].service_port(&listening[*index], diag)
+                namespaces[*index].service_port(&listening[*index], diag)
             }
             (role, _) => service_port(role, socket.local, socket.remote),
         };
@@ -262,7 +262,7 @@ fn open_connections(state: &AppState, snapshot: &Snapshot) -> Vec<ConnectionRepo
         .filter(|report| report.cookie != 0)
         .map(|report| ((report.netns, report.cookie), report))
         .collect();
-    for (index, namespace) in snapshot.namespaces.iter().enumerate() {
+    for (index, namespace) in namespaces.iter().enumerate() {
         for socket in &namespace.sockets {
             if !listed.contains(&(namespace.netns, socket.cookie)) {
                 let port = namespace.service_port(&listening[index], socket);

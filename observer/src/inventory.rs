@@ -12,7 +12,7 @@
 //! every running process (`/proc/<pid>/ns/net`), deduplicated by inode.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     io,
     net::SocketAddr,
@@ -113,37 +113,61 @@ impl NamespaceSockets {
     }
 }
 
-/// A dump of every namespace, with how long each socket has been in its state.
+/// What the metrics need of one namespace: counts and oldest age per state, and the
+/// CLOSE_WAIT sockets' ages by service port. Kept instead of the sockets themselves,
+/// which may be hundreds of thousands (TIME_WAIT under churn).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NamespaceSummary {
+    pub netns: u32,
+    /// state → (sockets, seconds the oldest has been in it).
+    pub states: BTreeMap<TcpState, (u64, f64)>,
+    /// (service port, seconds in CLOSE_WAIT) of each CLOSE_WAIT socket.
+    pub close_wait_ages: Vec<(u16, f64)>,
+}
+
+impl NamespaceSummary {
+    /// Summarises a listing, given each socket's age.
+    pub fn of(namespace: &NamespaceSockets, mut age: impl FnMut(&DiagSocket) -> f64) -> Self {
+        let listening = namespace.listening_ports();
+        let mut summary = Self { netns: namespace.netns, ..Self::default() };
+        for socket in &namespace.sockets {
+            let age = age(socket);
+            let entry = summary.states.entry(socket.state).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(age);
+            if socket.state == TcpState::CloseWait {
+                summary.close_wait_ages.push((namespace.service_port(&listening, socket), age));
+            }
+        }
+        summary
+    }
+}
+
+/// The inventory as the metrics see it.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub namespaces: Vec<NamespaceSockets>,
-    /// (netns, cookie) → seconds in the current state (see [`Inventory`]).
-    pub ages: HashMap<(u32, u64), f64>,
+pub struct Summary {
+    pub namespaces: Vec<NamespaceSummary>,
     /// Namespaces that could not be entered or dumped.
     pub failures: u64,
 }
 
-impl Snapshot {
-    pub fn age_seconds(&self, netns: u32, socket: &DiagSocket) -> f64 {
-        self.ages.get(&(netns, socket.cookie)).copied().unwrap_or(0.0)
-    }
-}
-
-/// The latest [`Snapshot`], refreshed on demand, and when each socket was first seen in
-/// its current state.
+/// Socket counts of every namespace, refreshed on demand, and when each socket was
+/// first seen in its current state.
 ///
 /// Ages are measured from the first dump that showed the socket in that state, so
 /// they are exact to the refresh interval for sockets that changed state while the
 /// daemon ran, and lower bounds (time since the daemon's first dump) for older ones.
 pub struct Inventory {
+    started: Instant,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     taken_at: Option<Instant>,
-    latest: Arc<Snapshot>,
-    first_seen: HashMap<(u32, u64), (TcpState, Instant)>,
+    latest: Arc<Summary>,
+    /// (netns, cookie) → (state, milliseconds after `started` it was first seen in it).
+    first_seen: HashMap<(u32, u64), (TcpState, u64)>,
 }
 
 impl Default for Inventory {
@@ -154,41 +178,51 @@ impl Default for Inventory {
 
 impl Inventory {
     pub fn new() -> Self {
-        Self { state: Mutex::new(State::default()) }
+        Self { started: Instant::now(), state: Mutex::new(State::default()) }
     }
 
-    /// The latest snapshot, taken anew if it is older than `max_age` (blocking: call
-    /// from a blocking thread).
-    pub fn refresh(&self, max_age: Duration) -> Arc<Snapshot> {
+    /// The latest summary, taken anew if it is older than `max_age` (blocking: call
+    /// from a blocking thread). Each namespace is listed, summarised and dropped before
+    /// the next, so memory holds one namespace's sockets at a time.
+    pub fn refresh(&self, max_age: Duration) -> Arc<Summary> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.taken_at.is_some_and(|at| at.elapsed() < max_age) {
             return Arc::clone(&state.latest);
         }
         let now = Instant::now();
-        let (namespaces, failures) = dump_all_namespaces();
-        let mut first_seen = HashMap::with_capacity(state.first_seen.len());
-        let mut ages = HashMap::new();
-        for namespace in &namespaces {
-            for socket in &namespace.sockets {
+        let now_ms = now.duration_since(self.started).as_millis() as u64;
+        let previous = std::mem::take(&mut state.first_seen);
+        let mut first_seen = HashMap::with_capacity(previous.len());
+        let mut namespaces = Vec::new();
+        let failures = for_each_namespace(|namespace| {
+            let summary = NamespaceSummary::of(&namespace, |socket| {
                 let key = (namespace.netns, socket.cookie);
-                let since = match state.first_seen.get(&key) {
+                let since = match previous.get(&key) {
                     Some((seen_state, since)) if *seen_state == socket.state => *since,
-                    _ => now,
+                    _ => now_ms,
                 };
                 first_seen.insert(key, (socket.state, since));
-                ages.insert(key, now.duration_since(since).as_secs_f64());
-            }
-        }
+                now_ms.saturating_sub(since) as f64 / 1000.0
+            });
+            namespaces.push(summary);
+        });
         state.first_seen = first_seen;
-        state.latest = Arc::new(Snapshot { namespaces, ages, failures });
+        state.latest = Arc::new(Summary { namespaces, failures });
         state.taken_at = Some(now);
         Arc::clone(&state.latest)
     }
 
-    /// The latest snapshot without refreshing.
-    pub fn latest(&self) -> Arc<Snapshot> {
+    /// The latest summary without refreshing.
+    pub fn latest(&self) -> Arc<Summary> {
         Arc::clone(&self.state.lock().unwrap_or_else(PoisonError::into_inner).latest)
     }
+}
+
+/// Every socket of every namespace, listed now (blocking).
+pub fn list_all() -> Vec<NamespaceSockets> {
+    let mut namespaces = Vec::new();
+    for_each_namespace(|namespace| namespaces.push(namespace));
+    namespaces
 }
 
 /// Network namespaces visible from here: (inode, a path that opens it).
@@ -218,29 +252,32 @@ pub fn network_namespaces() -> Vec<(u32, PathBuf)> {
         .collect()
 }
 
-/// Dumps every namespace on a thread of its own (see the module documentation).
-fn dump_all_namespaces() -> (Vec<NamespaceSockets>, u64) {
-    let dumper = std::thread::Builder::new().name("inventory".into()).spawn(|| {
-        let mut namespaces = Vec::new();
-        let mut failures = 0;
-        for (netns, path) in network_namespaces() {
-            match enter_and_dump(&path) {
-                Ok(sockets) => namespaces.push(NamespaceSockets { netns, sockets }),
-                Err(error) => {
-                    log::debug!("cannot list the sockets of {}: {error}", path.display());
-                    failures += 1;
+/// Lists each namespace in turn on a thread of its own (see the module documentation)
+/// and hands the listings to `visit`; returns how many namespaces could not be listed.
+fn for_each_namespace(mut visit: impl FnMut(NamespaceSockets) + Send) -> u64 {
+    std::thread::scope(|scope| {
+        let dumper =
+            std::thread::Builder::new().name("inventory".into()).spawn_scoped(scope, move || {
+                let mut failures = 0;
+                for (netns, path) in network_namespaces() {
+                    match enter_and_dump(&path) {
+                        Ok(sockets) => visit(NamespaceSockets { netns, sockets }),
+                        Err(error) => {
+                            log::debug!("cannot list the sockets of {}: {error}", path.display());
+                            failures += 1;
+                        }
+                    }
                 }
+                failures
+            });
+        match dumper.map(|thread| thread.join()) {
+            Ok(Ok(failures)) => failures,
+            _ => {
+                log::warn!("the socket inventory thread failed");
+                1
             }
         }
-        (namespaces, failures)
-    });
-    match dumper.map(|thread| thread.join()) {
-        Ok(Ok(result)) => result,
-        _ => {
-            log::warn!("the socket inventory thread failed");
-            (Vec::new(), 1)
-        }
-    }
+    })
 }
 
 fn enter_and_dump(path: &std::path::Path) -> io::Result<Vec<DiagSocket>> {

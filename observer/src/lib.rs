@@ -192,10 +192,12 @@ pub async fn run_daemon(
     // Sockets older than the daemon: who holds them now is the best owner there is.
     let startup_holders =
         Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
+    let startup_sockets =
+        tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
     tracker
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .set_preexisting_owners(owners_by_cookie(&inventory.latest(), &startup_holders));
+        .set_preexisting_owners(owners_by_cookie(&startup_sockets, &startup_holders));
     spawn_inventory_refresh(
         Arc::clone(&inventory),
         Arc::clone(&metrics),
@@ -256,11 +258,10 @@ pub async fn run_daemon(
 
 /// The startup holders of the inventoried sockets, by cookie (the key events carry).
 fn owners_by_cookie(
-    snapshot: &inventory::Snapshot,
+    namespaces: &[inventory::NamespaceSockets],
     holders: &std::collections::HashMap<u32, owner::Process>,
 ) -> std::collections::HashMap<u64, owner::Process> {
-    snapshot
-        .namespaces
+    namespaces
         .iter()
         .flat_map(|namespace| &namespace.sockets)
         .filter_map(|socket| Some((socket.cookie, *holders.get(&socket.inode)?)))

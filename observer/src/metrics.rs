@@ -20,7 +20,7 @@ use prometheus::{
 use crate::{
     classify::Class,
     event::{Reset, ResetDirection},
-    inventory::Snapshot,
+    inventory::Summary,
     tcp::TcpState,
     tracker::{ClosedConnection, TrackerStats},
 };
@@ -338,29 +338,20 @@ impl Metrics {
 
     /// Socket counts, oldest ages and CLOSE_WAIT ages from a socket inventory. Series of
     /// namespaces and states that no longer exist disappear.
-    pub fn set_inventory(&self, snapshot: &Snapshot) {
+    pub fn set_inventory(&self, summary: &Summary) {
         self.sockets.reset();
         self.oldest.reset();
-        self.namespaces.set(snapshot.namespaces.len() as i64);
-        self.namespace_errors.set(snapshot.failures as i64);
+        self.namespaces.set(summary.namespaces.len() as i64);
+        self.namespace_errors.set(summary.failures as i64);
         let mut close_wait_ages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for namespace in &snapshot.namespaces {
+        for namespace in &summary.namespaces {
             let netns = namespace.netns.to_string();
-            let listening = namespace.listening_ports();
-            let mut counts: BTreeMap<TcpState, (i64, f64)> = BTreeMap::new();
-            for socket in &namespace.sockets {
-                let age = snapshot.age_seconds(namespace.netns, socket);
-                let entry = counts.entry(socket.state).or_default();
-                entry.0 += 1;
-                entry.1 = entry.1.max(age);
-                if socket.state == TcpState::CloseWait {
-                    let port = self.port_label(namespace.service_port(&listening, socket));
-                    close_wait_ages.entry(port).or_default().push(age);
-                }
+            for (state, (count, oldest)) in &namespace.states {
+                self.sockets.with_label_values(&[&netns, state.name()]).set(*count as i64);
+                self.oldest.with_label_values(&[&netns, state.name()]).set(*oldest);
             }
-            for (state, (count, oldest)) in counts {
-                self.sockets.with_label_values(&[&netns, state.name()]).set(count);
-                self.oldest.with_label_values(&[&netns, state.name()]).set(oldest);
+            for (port, age) in &namespace.close_wait_ages {
+                close_wait_ages.entry(self.port_label(*port)).or_default().push(*age);
             }
         }
         *self.close_wait_ages.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -446,7 +437,8 @@ mod tests {
 
     #[test]
     fn inventory_gives_counts_oldest_ages_and_close_wait_histogram() {
-        use crate::inventory::{DiagSocket, NamespaceSockets};
+        use crate::inventory::{DiagSocket, NamespaceSockets, NamespaceSummary};
+        use std::collections::HashMap;
         let socket = |state, local: &str, remote: &str, cookie| DiagSocket {
             state,
             local: local.parse().unwrap(),
@@ -465,11 +457,15 @@ mod tests {
                 socket(TcpState::TimeWait, "10.0.0.1:40001", "10.0.0.3:5432", 5),
             ],
         };
-        let ages = [((7, 2), 30.0), ((7, 3), 7200.0), ((7, 4), 0.5), ((7, 5), 12.0)];
-        let snapshot =
-            Snapshot { namespaces: vec![namespace], ages: ages.into_iter().collect(), failures: 0 };
+        let ages: HashMap<u64, f64> = [(2, 30.0), (3, 7200.0), (4, 0.5), (5, 12.0)].into();
+        let summary = Summary {
+            namespaces: vec![NamespaceSummary::of(&namespace, |socket| {
+                ages.get(&socket.cookie).copied().unwrap_or(0.0)
+            })],
+            failures: 0,
+        };
         let metrics = Metrics::new(8, CloseLabels::default());
-        metrics.set_inventory(&snapshot);
+        metrics.set_inventory(&summary);
         let text = metrics.render();
         for line in [
             "observer_tcp_sockets{netns=\"7\",state=\"close_wait\"} 3",
@@ -483,7 +479,7 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         // A namespace that disappeared takes its series with it.
-        metrics.set_inventory(&Snapshot::default());
+        metrics.set_inventory(&Summary::default());
         let text = metrics.render();
         assert!(!text.contains("netns=\"7\""), "stale series in\n{text}");
     }

@@ -129,6 +129,8 @@ struct Ports {
 // refused: 7>2>7 = 2, plus the RST received (the RST sent answers no socket: not recorded).
 const TRANSITIONS: Kinds = Kinds { fin: 10, rst: 6, refused: 2 };
 const RESETS: Kinds = Kinds { fin: 0, rst: 2, refused: 1 };
+/// The server's accept() of each child (names its owner).
+const ACCEPTS: Kinds = Kinds { fin: 1, rst: 1, refused: 0 };
 /// Every listener: CLOSE > LISTEN at start and LISTEN > CLOSE at exit.
 const LISTENER_TRANSITIONS: u64 = 2;
 /// Verdicts (observer_tcp_closes_total) per connection: both ends, or the refused client.
@@ -307,9 +309,9 @@ impl Bench<'_> {
             + c.refused * TRANSITIONS.refused
             + listeners * LISTENER_TRANSITIONS;
         measure.expected_events = measure.expected_transitions
-            + c.fin * RESETS.fin
-            + c.rst * RESETS.rst
-            + c.refused * RESETS.refused;
+            + c.fin * (RESETS.fin + ACCEPTS.fin)
+            + c.rst * (RESETS.rst + ACCEPTS.rst)
+            + c.refused * (RESETS.refused + ACCEPTS.refused);
         measure.expected_closes =
             c.fin * CLOSES.fin + c.rst * CLOSES.rst + c.refused * CLOSES.refused;
         if let Some(error) = &churn.first_error {
