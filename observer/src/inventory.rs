@@ -209,6 +209,7 @@ impl Inventory {
         state.first_seen = first_seen;
         state.latest = Arc::new(Summary { namespaces, failures });
         state.taken_at = Some(now);
+        crate::release_freed_heap();
         Arc::clone(&state.latest)
     }
 
