@@ -194,7 +194,7 @@ impl Inventory {
         let previous = std::mem::take(&mut state.first_seen);
         let mut first_seen = HashMap::with_capacity(previous.len());
         let mut namespaces = Vec::new();
-        let failures = for_each_namespace(|namespace| {
+        let failures = for_each_namespace(Detail::StatesOnly, |namespace| {
             let summary = NamespaceSummary::of(&namespace, |socket| {
                 let key = (namespace.netns, socket.cookie);
                 let since = match previous.get(&key) {
@@ -222,7 +222,7 @@ impl Inventory {
 /// Every socket of every namespace, listed now (blocking).
 pub fn list_all() -> Vec<NamespaceSockets> {
     let mut namespaces = Vec::new();
-    for_each_namespace(|namespace| namespaces.push(namespace));
+    for_each_namespace(Detail::WithCounters, |namespace| namespaces.push(namespace));
     namespaces
 }
 
@@ -255,13 +255,13 @@ pub fn network_namespaces() -> Vec<(u32, PathBuf)> {
 
 /// Lists each namespace in turn on a thread of its own (see the module documentation)
 /// and hands the listings to `visit`; returns how many namespaces could not be listed.
-fn for_each_namespace(mut visit: impl FnMut(NamespaceSockets) + Send) -> u64 {
+fn for_each_namespace(detail: Detail, mut visit: impl FnMut(NamespaceSockets) + Send) -> u64 {
     std::thread::scope(|scope| {
         let dumper =
             std::thread::Builder::new().name("inventory".into()).spawn_scoped(scope, move || {
                 let mut failures = 0;
                 for (netns, path) in network_namespaces() {
-                    match enter_and_dump(&path) {
+                    match enter_and_dump(&path, detail) {
                         Ok(sockets) => visit(NamespaceSockets { netns, sockets }),
                         Err(error) => {
                             log::debug!("cannot list the sockets of {}: {error}", path.display());
@@ -281,20 +281,29 @@ fn for_each_namespace(mut visit: impl FnMut(NamespaceSockets) + Send) -> u64 {
     })
 }
 
-fn enter_and_dump(path: &std::path::Path) -> io::Result<Vec<DiagSocket>> {
+/// How much of each socket a dump asks the kernel for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Identity and state: enough for counts and ages.
+    StatesOnly,
+    /// Also `tcp_info` (bytes, retransmits, RTT), for `/connections`.
+    WithCounters,
+}
+
+fn enter_and_dump(path: &std::path::Path, detail: Detail) -> io::Result<Vec<DiagSocket>> {
     let namespace = File::open(path)?;
     nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    dump_tcp_sockets()
+    dump_tcp_sockets(detail)
 }
 
 /// Every TCP socket of the calling thread's network namespace, both families.
-pub fn dump_tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+pub fn dump_tcp_sockets(detail: Detail) -> io::Result<Vec<DiagSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut sockets = Vec::new();
     for (family, any) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
-        dump_family(&socket, family, any, &mut sockets)?;
+        dump_family(&socket, family, any, detail, &mut sockets)?;
     }
     Ok(sockets)
 }
@@ -306,6 +315,7 @@ fn dump_family(
     socket: &Socket,
     family: u8,
     any: SocketId,
+    detail: Detail,
     out: &mut Vec<DiagSocket>,
 ) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
@@ -315,7 +325,10 @@ fn dump_family(
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
+            extensions: match detail {
+                Detail::StatesOnly => ExtensionFlags::empty(),
+                Detail::WithCounters => ExtensionFlags::INFO,
+            },
             states: StateFlags::from_bits_retain(ALL_STATES),
             socket_id: any,
         })
@@ -380,7 +393,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
-        let sockets = dump_tcp_sockets().expect("sock_diag dump");
+        let sockets = dump_tcp_sockets(Detail::WithCounters).expect("sock_diag dump");
         let local = client.local_addr().unwrap();
         // By both ends: TIME_WAIT leftovers of other connections may share the local port.
         let remote = listener.local_addr().unwrap();
