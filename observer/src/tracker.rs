@@ -142,7 +142,8 @@ impl Tracked {
         if change.remote.port() != 0 {
             self.remote = change.remote;
         }
-        if self.cookie == 0 {
+        // Likewise its cookie: up to 6.12 that first event shows the listener's.
+        if change.cookie != 0 {
             self.cookie = change.cookie;
         }
         if self.netns == 0 {
@@ -608,6 +609,25 @@ mod tests {
         t.flush(&mut decided);
         assert!(decided.is_empty());
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_child_keeps_its_own_cookie_not_its_listeners() {
+        use TcpState::*;
+        let mut t = tracker(16);
+        let with_cookie = |event: SocketEvent, cookie| match event {
+            SocketEvent::State(change) => SocketEvent::State(StateChange { cookie, ..change }),
+            other => other,
+        };
+        // Up to 6.12 the child's first event carries the listener's cookie (41).
+        feed(
+            &mut t,
+            &[
+                with_cookie(change(SOCK, 1, Listen, SynRecv, Snapshot::default()), 41),
+                with_cookie(change(SOCK, 2, SynRecv, Established, Snapshot::default()), 42),
+            ],
+        );
+        assert_eq!(t.live().map(|socket| socket.cookie).collect::<Vec<_>>(), vec![42]);
     }
 
     #[test]
