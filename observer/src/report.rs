@@ -201,33 +201,13 @@ impl ConnectionReport {
         cgroups: &mut CgroupNames,
     ) -> Self {
         let now = monotonic_ns();
-        let stats = stats.unwrap_or_default();
         Self {
-            seq: None,
-            status: Status::Open,
-            state: live.state,
             opened_at: live.opened_ns.map(|ns| clock.rfc3339(ns)),
-            closed_at: None,
-            netns: live.netns,
-            cookie: live.cookie,
-            family: family(&live.local),
-            local: live.local,
-            remote: live.remote,
-            role: live.role,
-            port: service_port,
             owner: OwnerReport::new(live.owner.as_ref(), cgroups),
-            class: None,
-            cause: None,
-            detail: None,
             states: live.states.clone(),
             duration_seconds: live.opened_ns.map(|ns| now.saturating_sub(ns) as f64 / 1e9),
-            bytes_acked: stats.bytes_acked,
-            bytes_received: stats.bytes_received,
-            retransmits: stats.total_retrans,
-            srtt_us: stats.srtt_us,
-            sk_err: None,
-            resets: None,
-            evidence: None,
+            ..Self::open_socket(live.state, live.netns, live.cookie, (live.local, live.remote))
+                .with(live.role, service_port, stats)
         }
     }
 
@@ -235,34 +215,59 @@ impl ConnectionReport {
     /// TIME_WAIT. Its owner and open time are unknown; its role only where the dump
     /// shows it (see [`crate::inventory::NamespaceSockets::role`]).
     pub fn inventoried(netns: u32, socket: &DiagSocket, service_port: u16, role: Role) -> Self {
-        let stats = socket.stats.unwrap_or_default();
+        Self::open_socket(socket.state, netns, socket.cookie, (socket.local, socket.remote)).with(
+            role,
+            service_port,
+            socket.stats,
+        )
+    }
+
+    /// An open socket with nothing known beyond its identity and state.
+    fn open_socket(
+        state: TcpState,
+        netns: u32,
+        cookie: u64,
+        (local, remote): (SocketAddr, SocketAddr),
+    ) -> Self {
         Self {
             seq: None,
             status: Status::Open,
-            state: socket.state,
+            state,
             opened_at: None,
             closed_at: None,
             netns,
-            cookie: socket.cookie,
-            family: family(&socket.local),
-            local: socket.local,
-            remote: socket.remote,
-            role,
-            port: service_port,
+            cookie,
+            family: family(&local),
+            local,
+            remote,
+            role: Role::Unknown,
+            port: 0,
             owner: OwnerReport::Unknown("unknown"),
             class: None,
             cause: None,
             detail: None,
-            states: vec![socket.state],
+            states: vec![state],
             duration_seconds: None,
-            bytes_acked: stats.bytes_acked,
-            bytes_received: stats.bytes_received,
-            retransmits: stats.total_retrans,
-            srtt_us: stats.srtt_us,
+            bytes_acked: 0,
+            bytes_received: 0,
+            retransmits: 0,
+            srtt_us: 0,
             sk_err: None,
             resets: None,
             evidence: None,
         }
+    }
+
+    /// Role, service port and the kernel's counters (`tcp_info`), where known.
+    fn with(mut self, role: Role, port: u16, stats: Option<TcpStats>) -> Self {
+        let stats = stats.unwrap_or_default();
+        self.role = role;
+        self.port = port;
+        self.bytes_acked = stats.bytes_acked;
+        self.bytes_received = stats.bytes_received;
+        self.retransmits = stats.total_retrans;
+        self.srtt_us = stats.srtt_us;
+        self
     }
 
     /// Column titles matching [`ConnectionReport::line`].
