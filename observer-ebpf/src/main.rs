@@ -25,7 +25,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
             bpf_get_socket_cookie, bpf_probe_read_kernel,
@@ -58,9 +58,39 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 + TRACEPOINTS, 0);
 
-/// Per CPU and tracepoint: 1 while the primary program runs.
+/// Per CPU and tracepoint: the hits the primary program recorded whose standby has not
+/// run yet ([`as_standby`]).
 #[map]
-static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(TRACEPOINTS, 0);
+static RECORDED: PerCpuArray<RecordedHits> = PerCpuArray::with_max_entries(TRACEPOINTS, 0);
+
+/// A small stack of tracepoint hits, identified by their arguments.
+#[repr(C)]
+pub struct RecordedHits {
+    /// Pushes minus pops; the slot of entry `top - 1` is `(top - 1) % RECORDED_DEPTH`.
+    top: u64,
+    keys: [HitKey; RECORDED_DEPTH],
+    /// `jiffies` when each entry was pushed.
+    pushed_at: [u64; RECORDED_DEPTH],
+}
+
+/// What tells two hits nested on one CPU apart: the socket, and a second argument.
+///
+/// Kept as two words rather than mixed into one: the verifier forbids arithmetic on the
+/// typed pointers a BTF tracepoint receives, but lets a privileged program store and
+/// compare them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HitKey {
+    sk: u64,
+    detail: u64,
+}
+
+/// Hits nest at most two deep (a system call's transition interrupted by a softirq's);
+/// the rest is room for entries left by the rare hit nested in a standby run.
+const RECORDED_DEPTH: usize = 8;
+/// Entries older than this many jiffies are leftovers, never a pending hit: between a
+/// primary's run and its standby's there is at most one softirq run (a few jiffies).
+const RECORDED_MAX_AGE_JIFFIES: u64 = 64;
 
 /// Per CPU: when a record of this CPU last woke the daemon ([`wakeup_flags`]).
 #[map]
@@ -85,59 +115,109 @@ const TCP_LISTEN: i32 = 10;
 // tracepoint fires while the program is already running there (a softirq changing
 // another socket's state interrupts a close() being traced), that run is skipped and
 // only counted (`recursion_misses`). Under load this loses real transitions. So every
-// program has a standby twin attached after it: the primary marks itself BUSY while it
-// runs; the standby does nothing unless it finds the primary BUSY on its CPU, which
-// means the primary was just skipped for this event, and then records it instead.
+// program has a standby twin attached after it, and the kernel runs both, in that order,
+// for every hit the tracepoint makes. Hits nest (LIFO), and at two levels at most the
+// kernel never skips both programs of one hit: nested in a primary run, only the primary
+// is skipped; nested in a standby run, only the standby.
+//
+// The primary pushes the hit's key (its arguments) on RECORDED before recording it; the
+// standby looks for its hit's key. Found: the primary ran — pop it and whatever lies
+// above it (hits nested in this standby run, whose own standby was skipped). Not found:
+// the primary was skipped for this hit — record it. No window depends on where inside
+// the programs an interrupt lands, unlike a flag the primary sets and clears, which
+// misses a nested hit arriving after the clear but before the program returned.
 // The daemon counts as lost the primary's misses minus what the standbys recorded.
 
 #[inline(always)]
-fn as_primary(tracepoint: u32, record: impl FnOnce()) {
-    set_busy(tracepoint, 1);
-    record();
-    set_busy(tracepoint, 0);
-}
-
-#[inline(always)]
-fn as_standby(tracepoint: u32, record: impl FnOnce()) {
-    let busy = BUSY.get(tracepoint).copied().unwrap_or(0);
-    if busy != 0 {
-        record();
-        if let Some(handled) = LOST.get_ptr_mut(HANDLED_BY_STANDBY + tracepoint) {
-            // SAFETY: per-CPU slot of this program.
-            unsafe { *handled += 1 };
+fn as_primary(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
+    if let Some(hits) = RECORDED.get_ptr_mut(tracepoint) {
+        // SAFETY: per-CPU slot; a hit nested here finds the stack consistent, since it is
+        // written before `top` moves, and leaves it as it found it.
+        unsafe {
+            let slot = ((*hits).top as usize) % RECORDED_DEPTH;
+            (*hits).keys[slot] = key;
+            (*hits).pushed_at[slot] = bpf_jiffies64();
+            (*hits).top = (*hits).top.wrapping_add(1);
         }
     }
+    record();
 }
 
 #[inline(always)]
-fn set_busy(tracepoint: u32, value: u32) {
-    if let Some(busy) = BUSY.get_ptr_mut(tracepoint) {
-        // SAFETY: per-CPU slot.
-        unsafe { *busy = value };
+fn as_standby(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
+    let Some(hits) = RECORDED.get_ptr_mut(tracepoint) else { return };
+    // SAFETY: per-CPU slot (see `as_primary`).
+    unsafe {
+        // A hit nested in this run pushes above `top`; popping to below it drops that
+        // entry too, which its skipped standby would have popped.
+        let top = (*hits).top;
+        let now = bpf_jiffies64();
+        let mut depth = 1u64;
+        while depth <= RECORDED_DEPTH as u64 && depth <= top {
+            let slot = ((top - depth) as usize) % RECORDED_DEPTH;
+            if now.wrapping_sub((*hits).pushed_at[slot]) > RECORDED_MAX_AGE_JIFFIES {
+                break; // this entry and all below it are older leftovers
+            }
+            let pushed = &(*hits).keys[slot];
+            if pushed.sk == key.sk && pushed.detail == key.detail {
+                (*hits).top = top - depth;
+                return;
+            }
+            depth += 1;
+        }
+    }
+    record();
+    if let Some(handled) = LOST.get_ptr_mut(HANDLED_BY_STANDBY + tracepoint) {
+        // SAFETY: per-CPU slot of this program.
+        unsafe { *handled += 1 };
     }
 }
 
 /// Defines a tracepoint's primary program and its standby twin, both recording with
-/// `$record(ctx, config)` once the daemon has configured the object.
+/// `$record(ctx, config)` once the daemon has configured the object; `$key(ctx)`
+/// identifies a hit.
 macro_rules! primary_and_standby {
-    ($tracepoint:tt, $slot:expr, $record:ident, $primary:ident, $standby:ident) => {
+    ($tracepoint:tt, $slot:expr, $key:ident, $record:ident, $primary:ident, $standby:ident) => {
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $primary(ctx: BtfTracePointContext) -> i32 {
-            as_primary($slot, || configured(|config| $record(&ctx, config)));
+            as_primary($slot, $key(&ctx), || configured(|config| $record(&ctx, config)));
             0
         }
 
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $standby(ctx: BtfTracePointContext) -> i32 {
-            as_standby($slot, || configured(|config| $record(&ctx, config)));
+            as_standby($slot, $key(&ctx), || configured(|config| $record(&ctx, config)));
             0
         }
     };
 }
 
+// Hit keys: the arguments that tell two hits nested on one CPU apart.
+
+/// (sk, oldstate, newstate).
+#[inline(always)]
+fn state_hit(ctx: &BtfTracePointContext) -> HitKey {
+    let old_state: u64 = ctx.arg(1);
+    let new_state: u64 = ctx.arg(2);
+    HitKey { sk: ctx.arg(0), detail: (old_state & 0xff) | ((new_state & 0xff) << 8) }
+}
+
+/// (sk, skb): every RST sent is its own skb.
+#[inline(always)]
+fn sent_reset_hit(ctx: &BtfTracePointContext) -> HitKey {
+    HitKey { sk: ctx.arg(0), detail: ctx.arg(1) }
+}
+
+/// (sk): a socket handles one received RST at a time.
+#[inline(always)]
+fn received_reset_hit(ctx: &BtfTracePointContext) -> HitKey {
+    HitKey { sk: ctx.arg(0), detail: 0 }
+}
+
 primary_and_standby!(
     "inet_sock_set_state",
     STATE,
+    state_hit,
     state_with_cookie,
     inet_sock_set_state,
     inet_sock_set_state_standby
@@ -146,6 +226,7 @@ primary_and_standby!(
 primary_and_standby!(
     "inet_sock_set_state",
     STATE,
+    state_hit,
     state_without_cookie,
     inet_sock_set_state_no_cookie,
     inet_sock_set_state_no_cookie_standby
@@ -153,6 +234,7 @@ primary_and_standby!(
 primary_and_standby!(
     "tcp_send_reset",
     SEND_RESET,
+    sent_reset_hit,
     reset_sent,
     tcp_send_reset,
     tcp_send_reset_standby
@@ -160,6 +242,7 @@ primary_and_standby!(
 primary_and_standby!(
     "tcp_receive_reset",
     RECEIVE_RESET,
+    received_reset_hit,
     reset_received,
     tcp_receive_reset,
     tcp_receive_reset_standby
