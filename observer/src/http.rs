@@ -24,9 +24,9 @@ use crate::{
     classify::Role,
     inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
     metrics::Metrics,
-    owner::{CgroupNames, Process},
+    owner::{Cgroup, CgroupNames, Process},
     report::{Clock, ConnectionReport, OwnerReport, Status},
-    tracker::{Tracker, service_port},
+    tracker::{ClosedConnection, Tracker, service_port},
 };
 
 /// A scrape or a `/connections` request reuses a socket inventory this recent.
@@ -44,14 +44,34 @@ pub struct RecentConnections {
 #[derive(Default)]
 struct Recent {
     next_seq: u64,
-    reports: VecDeque<ConnectionReport>,
+    closes: VecDeque<RecentClose>,
+}
+
+/// A verdict as `/connections` keeps it. Its report (text addresses, wall-clock times,
+/// owner names) is built only when asked for: under a reset storm most verdicts leave
+/// the buffer unread.
+struct RecentClose {
+    seq: u64,
+    connection: ClosedConnection,
+    /// Resolved when the verdict was made: the owner's cgroup may be gone by the time
+    /// someone asks.
+    cgroup: Option<Cgroup>,
+}
+
+impl RecentClose {
+    fn report(&self, clock: &Clock) -> ConnectionReport {
+        ConnectionReport {
+            seq: Some(self.seq),
+            ..ConnectionReport::closed(&self.connection, clock, self.cgroup.clone())
+        }
+    }
 }
 
 impl RecentConnections {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            items: Mutex::new(Recent { next_seq: 1, reports: VecDeque::new() }),
+            items: Mutex::new(Recent { next_seq: 1, closes: VecDeque::new() }),
             metrics: None,
         }
     }
@@ -62,18 +82,19 @@ impl RecentConnections {
         self
     }
 
-    pub fn push(&self, mut report: ConnectionReport) {
+    /// Keeps a verdict; `cgroup` is its owner's, resolved now.
+    pub fn push(&self, connection: ClosedConnection, cgroup: Option<Cgroup>) {
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        report.seq = Some(items.next_seq);
+        let close = RecentClose { seq: items.next_seq, connection, cgroup };
         items.next_seq += 1;
         let evicted = if self.max == 0 {
             true
-        } else if items.reports.len() >= self.max {
-            items.reports.pop_front();
-            items.reports.push_back(report);
+        } else if items.closes.len() >= self.max {
+            items.closes.pop_front();
+            items.closes.push_back(close);
             true
         } else {
-            items.reports.push_back(report);
+            items.closes.push_back(close);
             false
         };
         drop(items);
@@ -206,7 +227,13 @@ async fn connections(
     }
     if filter.status != StatusFilter::Open {
         let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-        selected.extend(items.reports.iter().filter(|report| filter.matches(report)).cloned());
+        selected.extend(
+            items
+                .closes
+                .iter()
+                .map(|close| close.report(&state.clock))
+                .filter(|r| filter.matches(r)),
+        );
     }
     if let Some(limit) = filter.limit
         && selected.len() > limit
@@ -256,11 +283,11 @@ fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<Co
     // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
     // continues, which already has its verdict: that one knows the role and the owner.
     let recent = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-    let judged: HashMap<(u32, u64), &ConnectionReport> = recent
-        .reports
+    let judged: HashMap<(u32, u64), &RecentClose> = recent
+        .closes
         .iter()
-        .filter(|report| report.cookie != 0)
-        .map(|report| ((report.netns, report.cookie), report))
+        .filter(|close| close.connection.cookie != 0)
+        .map(|close| ((close.connection.netns, close.connection.cookie), close))
         .collect();
     for (index, namespace) in namespaces.iter().enumerate() {
         for socket in &namespace.sockets {
@@ -268,11 +295,13 @@ fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<Co
                 let port = namespace.service_port(&listening[index], socket);
                 let role = namespace.role(&listening[index], socket);
                 let mut report = ConnectionReport::inventoried(namespace.netns, socket, port, role);
-                if let Some(closed) = judged.get(&(namespace.netns, socket.cookie)) {
+                if let Some(judged) = judged.get(&(namespace.netns, socket.cookie)) {
+                    let closed = &judged.connection;
                     report.role = closed.role;
                     report.port = closed.port;
-                    report.owner = closed.owner.clone();
-                    report.opened_at = closed.opened_at.clone();
+                    report.owner =
+                        OwnerReport::with_cgroup(closed.owner.as_ref(), judged.cgroup.clone());
+                    report.opened_at = closed.opened_ns.map(|ns| state.clock.rfc3339(ns));
                 } else if let Some(holder) = state.startup_holders.get(&socket.inode) {
                     report.owner = OwnerReport::new(Some(holder), &mut cgroups);
                 }

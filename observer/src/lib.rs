@@ -118,12 +118,14 @@ impl Sink for DaemonSink {
         }
     }
 
-    fn closed(&mut self, connection: &ClosedConnection) {
-        let mut cgroups = self.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
-        let report = ConnectionReport::new(connection, &self.clock, &mut cgroups);
-        drop(cgroups);
-        log_unknown(&report);
-        self.recent.push(report);
+    fn closed(&mut self, connection: ClosedConnection) {
+        let cgroup = connection.owner.as_ref().and_then(|owner| {
+            self.cgroups.lock().unwrap_or_else(PoisonError::into_inner).resolve(owner.cgroup_id)
+        });
+        if connection.verdict.cause == Cause::Unknown {
+            log_unknown(&ConnectionReport::closed(&connection, &self.clock, cgroup.clone()));
+        }
+        self.recent.push(connection, cgroup);
     }
 
     fn flush(&mut self) {
@@ -320,13 +322,13 @@ impl Sink for WatchSink {
         }
     }
 
-    fn closed(&mut self, connection: &ClosedConnection) {
+    fn closed(&mut self, connection: ClosedConnection) {
         if self.args.events
             || (!self.args.ports.is_empty() && !self.args.ports.contains(&connection.port))
         {
             return;
         }
-        let report = ConnectionReport::new(connection, &self.clock, &mut self.cgroups);
+        let report = ConnectionReport::new(&connection, &self.clock, &mut self.cgroups);
         log_unknown(&report);
         if self.args.json {
             self.print(&serde_json::to_string(&report).unwrap_or_default());

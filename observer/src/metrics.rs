@@ -6,9 +6,9 @@
 //! label is the *service* port, capped by `--metrics.max-ports`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     hash::Hash,
-    sync::{Mutex, PoisonError},
+    sync::{Mutex, OnceLock, PoisonError},
 };
 
 use prometheus::{
@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use crate::{
-    classify::Class,
+    classify::{Cause, Class, Role},
     event::{Reset, ResetDirection},
     inventory::Summary,
     tcp::TcpState,
@@ -48,18 +48,31 @@ pub struct CloseLabels {
     pub max_values: usize,
 }
 
+/// The labels of a `observer_tcp_closes_total` child without the optional ones (the
+/// class follows from the cause; a port of `None` is "other").
+type CloseKey = (Cause, Role, Option<u16>);
+
 pub struct Metrics {
     registry: Registry,
     closes: IntCounterVec,
     close_labels: CloseLabels,
+    /// Children of `closes` already looked up (without the optional labels): the label
+    /// lookup hashes and allocates, and a verdict storm makes hundreds of thousands a
+    /// second. Bounded by causes × roles × (`--metrics.max-ports` + 1).
+    close_counters: Mutex<HashMap<CloseKey, IntCounter>>,
     transitions: IntCounterVec,
+    /// Children of `transitions`, created on first use (so only transitions that happen
+    /// are exported), then reused for every event.
+    transition_counters: [[OnceLock<IntCounter>; TcpState::COUNT]; TcpState::COUNT],
     sockets: IntGaugeVec,
     oldest: GaugeVec,
     namespaces: IntGauge,
     namespace_errors: IntGauge,
     close_wait_ages: Mutex<Option<MetricFamily>>,
-    duration: HistogramVec,
+    duration_by_class: [prometheus::Histogram; Class::ALL.len()],
     resets: IntCounterVec,
+    /// Children of `resets` already looked up, by direction and reason label.
+    reset_counters: Mutex<HashMap<(ResetDirection, &'static str), IntCounter>>,
     events: IntCounter,
     lost: IntCounterVec,
     malformed: IntCounter,
@@ -83,14 +96,13 @@ impl<T: Hash + Eq + Clone + ToString> CappedLabel<T> {
         Self { max, seen: HashSet::new() }
     }
 
+    /// Whether `value` gets a label value of its own.
+    fn admit(&mut self, value: &T) -> bool {
+        self.seen.contains(value) || (self.seen.len() < self.max && self.seen.insert(value.clone()))
+    }
+
     fn label(&mut self, value: &T) -> String {
-        if self.seen.contains(value)
-            || (self.seen.len() < self.max && self.seen.insert(value.clone()))
-        {
-            value.to_string()
-        } else {
-            OTHER_PORT.to_string()
-        }
+        if self.admit(value) { value.to_string() } else { OTHER_PORT.to_string() }
     }
 }
 
@@ -236,22 +248,23 @@ impl Metrics {
         for reason in [LOST_RING_FULL, LOST_NESTED, LOST_MALFORMED] {
             lost.with_label_values(&[reason]);
         }
-        for class in Class::ALL {
-            duration.with_label_values(&[class.name()]);
-        }
+        let duration_by_class = Class::ALL.map(|class| duration.with_label_values(&[class.name()]));
 
         Self {
             registry,
             closes,
             close_labels,
+            close_counters: Mutex::new(HashMap::new()),
             transitions,
+            transition_counters: Default::default(),
             sockets,
             oldest,
             namespaces,
             namespace_errors,
             close_wait_ages: Mutex::new(None),
-            duration,
+            duration_by_class,
             resets,
+            reset_counters: Mutex::new(HashMap::new()),
             events,
             lost,
             malformed,
@@ -268,12 +281,36 @@ impl Metrics {
         self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(&port)
     }
 
+    /// The port's label value: `Some(port)`, or `None` for "other" past the cap.
+    fn capped_port(&self, port: u16) -> Option<u16> {
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner).admit(&port).then_some(port)
+    }
+
     pub fn record_close(&self, closed: &ClosedConnection) {
-        let port = self.port_label(closed.port);
-        let class = closed.verdict.class().name();
-        let mut values =
-            vec![class.to_string(), closed.verdict.cause.name().into(), closed.role.name().into()];
-        values.push(port);
+        let class = closed.verdict.class();
+        if let Some(duration) = closed.duration_ns {
+            self.duration_by_class[class as usize].observe(duration as f64 / 1e9);
+        }
+        let port = self.capped_port(closed.port);
+        if !self.close_labels.netns && !self.close_labels.comm {
+            let key = (closed.verdict.cause, closed.role, port);
+            let mut counters = self.close_counters.lock().unwrap_or_else(PoisonError::into_inner);
+            counters
+                .entry(key)
+                .or_insert_with(|| {
+                    let port = port.map_or_else(|| OTHER_PORT.to_string(), |p| p.to_string());
+                    let cause = closed.verdict.cause.name();
+                    self.closes.with_label_values(&[class.name(), cause, closed.role.name(), &port])
+                })
+                .inc();
+            return;
+        }
+        let mut values = vec![
+            class.name().to_string(),
+            closed.verdict.cause.name().into(),
+            closed.role.name().into(),
+            port.map_or_else(|| OTHER_PORT.to_string(), |p| p.to_string()),
+        ];
         if self.close_labels.netns {
             let mut netns = self.netns_values.lock().unwrap_or_else(PoisonError::into_inner);
             values.push(netns.label(&closed.netns));
@@ -285,13 +322,12 @@ impl Metrics {
         }
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
         self.closes.with_label_values(&values).inc();
-        if let Some(duration) = closed.duration_ns {
-            self.duration.with_label_values(&[class]).observe(duration as f64 / 1e9);
-        }
     }
 
     pub fn record_transition(&self, from: TcpState, to: TcpState) {
-        self.transitions.with_label_values(&[from.name(), to.name()]).inc();
+        self.transition_counters[from as usize][to as usize]
+            .get_or_init(|| self.transitions.with_label_values(&[from.name(), to.name()]))
+            .inc();
     }
 
     pub fn record_reset(&self, reset: &Reset) {
@@ -300,7 +336,11 @@ impl Metrics {
             (None, ResetDirection::Sent) => "unknown",
             (None, ResetDirection::Received) => "not_reported",
         };
-        self.resets.with_label_values(&[reset.direction.name(), reason]).inc();
+        let mut counters = self.reset_counters.lock().unwrap_or_else(PoisonError::into_inner);
+        counters
+            .entry((reset.direction, reason))
+            .or_insert_with(|| self.resets.with_label_values(&[reset.direction.name(), reason]))
+            .inc();
     }
 
     pub fn record_event(&self) {

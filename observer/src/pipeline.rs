@@ -38,7 +38,7 @@ pub trait Sink {
     /// Every decoded event (`observer watch --events`).
     fn event(&mut self, _event: &SocketEvent) {}
     /// Every connection verdict.
-    fn closed(&mut self, connection: &ClosedConnection);
+    fn closed(&mut self, connection: ClosedConnection);
     /// The ring buffer was drained: events seen so far precede any verdict to come.
     fn flush(&mut self) {}
 }
@@ -218,7 +218,7 @@ impl<S: Sink> Running<S> {
     fn publish(&mut self) {
         for closed in self.decided.drain(..) {
             self.metrics.record_close(&closed);
-            self.sink.closed(&closed);
+            self.sink.closed(closed);
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     classify::{Cause, Class, ResetSeen, Role},
     event::Snapshot,
     inventory::{DiagSocket, TcpStats},
-    owner::{CgroupNames, Process},
+    owner::{Cgroup, CgroupNames, Process},
     tcp::TcpState,
     tracker::{ClosedConnection, LiveSocket},
 };
@@ -93,16 +93,18 @@ pub enum OwnerReport {
 
 impl OwnerReport {
     pub fn new(owner: Option<&Process>, cgroups: &mut CgroupNames) -> Self {
+        Self::with_cgroup(owner, owner.and_then(|process| cgroups.resolve(process.cgroup_id)))
+    }
+
+    /// `cgroup`: the owner's, resolved earlier.
+    pub fn with_cgroup(owner: Option<&Process>, cgroup: Option<Cgroup>) -> Self {
         match owner {
-            Some(process) => {
-                let cgroup = cgroups.resolve(process.cgroup_id);
-                OwnerReport::Known {
-                    pid: process.pid,
-                    comm: process.comm.to_string(),
-                    cgroup: cgroup.as_ref().map(|c| c.path.to_string()),
-                    container_id: cgroup.and_then(|c| c.container_id.map(|id| id.to_string())),
-                }
-            }
+            Some(process) => OwnerReport::Known {
+                pid: process.pid,
+                comm: process.comm.to_string(),
+                cgroup: cgroup.as_ref().map(|c| c.path.to_string()),
+                container_id: cgroup.and_then(|c| c.container_id.map(|id| id.to_string())),
+            },
             None => OwnerReport::Unknown("unknown"),
         }
     }
@@ -162,6 +164,12 @@ impl Clock {
 
 impl ConnectionReport {
     pub fn new(closed: &ClosedConnection, clock: &Clock, cgroups: &mut CgroupNames) -> Self {
+        let cgroup = closed.owner.as_ref().and_then(|owner| cgroups.resolve(owner.cgroup_id));
+        Self::closed(closed, clock, cgroup)
+    }
+
+    /// As [`Self::new`], with the owner's cgroup resolved earlier.
+    pub fn closed(closed: &ClosedConnection, clock: &Clock, cgroup: Option<Cgroup>) -> Self {
         Self {
             seq: None,
             status: Status::Closed,
@@ -175,7 +183,7 @@ impl ConnectionReport {
             remote: closed.remote,
             role: closed.role,
             port: closed.port,
-            owner: OwnerReport::new(closed.owner.as_ref(), cgroups),
+            owner: OwnerReport::with_cgroup(closed.owner.as_ref(), cgroup),
             class: Some(closed.verdict.class()),
             cause: Some(closed.verdict.cause),
             detail: closed.verdict.detail,

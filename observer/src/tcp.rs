@@ -30,6 +30,9 @@ pub enum TcpState {
 }
 
 impl TcpState {
+    /// Number of variants: `state as usize` indexes arrays of this length.
+    pub const COUNT: usize = Self::ALL.len();
+
     /// Every state that can be a label value of `observer_tcp_sockets` / transitions.
     pub const ALL: [TcpState; 14] = [
         TcpState::Established,
