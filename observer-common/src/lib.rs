@@ -1,7 +1,9 @@
 //! The wire format between the eBPF programs and the daemon, defined once.
 //!
-//! The kernel side is deliberately dumb: at every TCP state transition it copies a fixed
-//! list of `struct sock` words ([`SockField`]) into a [`StateEvent`], and at every RST it
+//! The kernel side is deliberately dumb: at every TCP state transition it copies the head
+//! of the socket (`struct sock_common`: addresses, ports, family, namespace, cookie) and
+//! the few identity words outside it into a [`StateEvent`]; at the final transition the
+//! evidence words ([`SockField`]) too, into a [`CloseEvent`]; and at every RST it
 //! records which socket, in which state, and why ([`ResetEvent`]). Which byte of the
 //! socket each field lives at is not known at compile time: the daemon reads it from the
 //! running kernel's BTF and patches [`ProgramConfig`] into the object before loading it.
@@ -28,11 +30,17 @@ pub const IPPROTO_TCP: u32 = 6;
 /// per record costs more than recording it at high connection rates.
 pub const WAKEUP_INTERVAL_NS: u64 = 10_000_000;
 
+/// Bytes at the head of `struct sock` (its `struct sock_common`) every [`StateEvent`]
+/// copies in one read: on every kernel since 5.10 they hold the IPv4 and IPv6 addresses,
+/// both ports, the family, the namespace pointer, the cookie and the flags. One copy
+/// costs about what reading one field does; the daemon checks the layout at startup.
+pub const SOCK_COMMON_BYTES: usize = 112;
 /// What a ring-buffer record is; the first `u32` of every record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// `sock:inet_sock_set_state` for a TCP socket: a [`StateEvent`].
+    /// `sock:inet_sock_set_state` for a TCP socket, to any state but CLOSE: a
+    /// [`StateEvent`].
     State = 1,
     /// `tcp:tcp_send_reset` for a socket (not for RSTs answering unmatched packets).
     ResetSent = 2,
@@ -41,6 +49,8 @@ pub enum EventKind {
     /// `syscalls:sys_exit_accept4` / `sys_exit_accept`: the process that accepted a
     /// socket (an [`OwnerEvent`]).
     Accepted = 4,
+    /// `sock:inet_sock_set_state` to CLOSE: a [`CloseEvent`].
+    Close = 5,
 }
 
 impl EventKind {
@@ -50,12 +60,16 @@ impl EventKind {
             2 => Some(Self::ResetSent),
             3 => Some(Self::ResetReceived),
             4 => Some(Self::Accepted),
+            5 => Some(Self::Close),
             _ => None,
         }
     }
 }
 
-/// The `struct sock` words a [`StateEvent`] carries, by index into [`StateEvent::sock`].
+/// The `struct sock` words a transition carries: the first [`SockField::IDENTITY`] in
+/// [`StateEvent::identity`], the rest in [`CloseEvent::evidence`]. Fields that lie in
+/// [`StateEvent::common`] are decoded from there instead (their offset is [`ABSENT`] in
+/// [`ProgramConfig::sock_fields`], so the programs skip them).
 ///
 /// Each is read as 8 raw bytes starting at the byte that holds the field; the daemon
 /// extracts the field (shift, width, sign) using the same BTF description it used to
@@ -169,12 +183,14 @@ pub struct BitField {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramConfig {
-    /// Byte offset of each [`SockField`] from the socket pointer, or [`ABSENT`].
+    /// Byte offset of each [`SockField`] the programs read word by word, or [`ABSENT`]
+    /// (missing, or copied with [`StateEvent::common`]).
     pub sock_fields: [u32; SockField::COUNT],
-    /// `sock_common.skc_v6_rcv_saddr` and `skc_v6_daddr` (16 bytes each).
-    pub saddr_v6: u32,
-    pub daddr_v6: u32,
-    /// `sock_common.skc_net` (the `struct net *`) and `net.ns.inum` behind it.
+    /// `sock_common.skc_cookie` (read by the reset and accept programs, and by the state
+    /// program from [`StateEvent::common`] where `bpf_get_socket_cookie` is missing).
+    pub cookie: u32,
+    /// `sock_common.skc_net` (the `struct net *`; inside [`StateEvent::common`], 8-byte
+    /// aligned) and `net.ns.inum` behind it.
     pub net: u32,
     pub net_ns_inum: u32,
     /// `sock.sk_protocol`, to keep only IPPROTO_TCP.
@@ -234,8 +250,7 @@ impl TaskConfig {
 impl ProgramConfig {
     pub const UNSET: Self = Self {
         sock_fields: [ABSENT; SockField::COUNT],
-        saddr_v6: ABSENT,
-        daddr_v6: ABSENT,
+        cookie: ABSENT,
         net: ABSENT,
         net_ns_inum: ABSENT,
         protocol: BitField { offset: ABSENT, shift: 0, mask: 0 },
@@ -306,17 +321,16 @@ pub struct EventHeader {
     pub cookie: u64,
 }
 
-/// One `sock:inet_sock_set_state` transition of a TCP socket, with the socket's fields
-/// read at that moment (some are zeroed right after the final transition).
+/// One `sock:inet_sock_set_state` transition of a TCP socket, with its identity read at
+/// that moment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateEvent {
     pub header: EventHeader,
-    /// Raw 8-byte words, one per [`SockField`] (0 where the field is [`ABSENT`]).
-    pub sock: [u64; SockField::COUNT],
-    /// IPv6 (or v4-mapped) local and remote addresses, network order.
-    pub saddr_v6: [u8; 16],
-    pub daddr_v6: [u8; 16],
+    /// The first [`SOCK_COMMON_BYTES`] of the socket, as 8-byte words.
+    pub common: [u64; SOCK_COMMON_BYTES / 8],
+    /// Raw 8-byte words of the identity [`SockField`]s outside `common` (0 elsewhere).
+    pub identity: [u64; SockField::IDENTITY],
     pub old_state: u32,
     pub new_state: u32,
     /// Inode number of the socket's network namespace (0 if unknown).
@@ -324,6 +338,17 @@ pub struct StateEvent {
     pub _pad: u32,
     /// The calling process, for transitions made by a system call (see [`Owner`]).
     pub owner: Owner,
+}
+
+/// The final transition (to CLOSE), with the socket's evidence read at that moment (some
+/// of it is zeroed right after).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseEvent {
+    pub state: StateEvent,
+    /// Raw 8-byte words of the other [`SockField`]s, `field - IDENTITY` (0 where the
+    /// field is [`ABSENT`]).
+    pub evidence: [u64; SockField::COUNT - SockField::IDENTITY],
 }
 
 /// One RST sent or received on a known socket.
@@ -343,13 +368,19 @@ pub struct ResetEvent {
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<Owner>() == 32);
-const _: () = assert!(size_of::<StateEvent>() == 32 + 8 * SockField::COUNT + 32 + 16 + 32);
+const _: () = assert!(SOCK_COMMON_BYTES.is_multiple_of(8));
+const _: () =
+    assert!(size_of::<StateEvent>() == 32 + SOCK_COMMON_BYTES + 8 * SockField::IDENTITY + 16 + 32);
+const _: () = assert!(
+    size_of::<CloseEvent>()
+        == size_of::<StateEvent>() + 8 * (SockField::COUNT - SockField::IDENTITY)
+);
 const _: () = assert!(size_of::<ResetEvent>() == 48);
 const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
-    align_of::<StateEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
+    align_of::<CloseEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 4 + 3 + 4));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 3 + 3 + 4));
 const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]

@@ -37,8 +37,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use observer_common::{
-    ABSENT, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, Owner, OwnerEvent, ProgramConfig,
-    ResetEvent, SockField, StateEvent, TaskConfig, WAKEUP_INTERVAL_NS,
+    ABSENT, CloseEvent, EventHeader, EventKind, IPPROTO_TCP, NO_REASON, Owner, OwnerEvent,
+    ProgramConfig, ResetEvent, SOCK_COMMON_BYTES, SockField, StateEvent, TaskConfig,
+    WAKEUP_INTERVAL_NS,
 };
 
 /// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
@@ -262,10 +263,10 @@ fn configured(record: impl FnOnce(&ProgramConfig)) {
 fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: *mut c_void = ctx.arg(0);
-    if is_tcp(config, sk as u64) {
+    if is_tcp_protocol(config, sk as u64) {
         // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
         let cookie = unsafe { bpf_get_socket_cookie(sk) };
-        record_state(ctx, config, sk, cookie);
+        record_state(ctx, config, sk as u64, Some(cookie));
     }
 }
 
@@ -273,61 +274,108 @@ fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
 #[inline(always)]
 fn state_without_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
     let sk: *mut c_void = ctx.arg(0);
-    if is_tcp(config, sk as u64) {
-        let mut cookie = 0u64;
-        // SAFETY: fault-tolerant read into a local.
-        unsafe {
-            read_word(sk as u64, config.sock_fields[SockField::Cookie as usize], &mut cookie)
-        };
-        record_state(ctx, config, sk, cookie);
+    if is_tcp_protocol(config, sk as u64) {
+        record_state(ctx, config, sk as u64, None);
     }
 }
 
+/// Records a transition: a [`StateEvent`], or a [`CloseEvent`] with the evidence words
+/// for the final one. `cookie`: `None` to take it from the socket's own field.
 #[inline(always)]
-fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: *mut c_void, cookie: u64) {
+fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, cookie: Option<u64>) {
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
-    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+    let transition = (old_state as u32, new_state as u32);
+    // Before reserving: a full ring must count only the followed namespace's losses.
+    if !in_followed_netns(config, sk) {
+        return;
+    }
+    if new_state != TCP_CLOSE {
+        let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+            count_lost();
+            warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
+            return;
+        };
+        let event: *mut StateEvent = entry.as_mut_ptr();
+        // SAFETY: a reserved record of the right size.
+        let now = unsafe { write_state(config, sk, cookie, EventKind::State, transition, event) };
+        entry.submit(wakeup_flags(now));
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) else {
         count_lost();
         warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
         return;
     };
-    let event: *mut StateEvent = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reserved record of the right size; every field is
-    // written below before submit.
+    let event: *mut CloseEvent = entry.as_mut_ptr();
+    // SAFETY: a reserved record of the right size; `state` comes first in it.
+    let now = unsafe {
+        write_state(config, sk, cookie, EventKind::Close, transition, addr_of_mut!((*event).state))
+    };
+    // SAFETY: as above; every evidence word is written.
     unsafe {
-        (*event).header = header(EventKind::State, sk as u64, cookie);
-        let sock = addr_of_mut!((*event).sock).cast::<u64>();
-        // The evidence only matters at the final transition; elsewhere the identity
-        // fields suffice, and a shorter run leaves less room for nested runs.
-        let fields = if new_state == TCP_CLOSE { SockField::COUNT } else { SockField::IDENTITY };
-        let mut i = 0;
+        let evidence = addr_of_mut!((*event).evidence).cast::<u64>();
+        let mut i = SockField::IDENTITY;
         while i < SockField::COUNT {
-            if i < fields {
-                read_word(sk as u64, config.sock_fields[i], sock.add(i));
-            } else {
-                *sock.add(i) = 0;
-            }
+            read_word(sk, config.sock_fields[i], evidence.add(i - SockField::IDENTITY));
             i += 1;
         }
-        read_bytes(sk as u64, config.saddr_v6, addr_of_mut!((*event).saddr_v6));
-        read_bytes(sk as u64, config.daddr_v6, addr_of_mut!((*event).daddr_v6));
-        (*event).old_state = old_state as u32;
-        (*event).new_state = new_state as u32;
-        (*event).netns = netns_inode(config, sk as u64);
+    }
+    entry.submit(wakeup_flags(now));
+}
+
+/// Fills every field of `event`; returns its timestamp.
+///
+/// # Safety
+/// `event` must be valid for writes of a whole [`StateEvent`].
+#[inline(always)]
+unsafe fn write_state(
+    config: &ProgramConfig,
+    sk: u64,
+    cookie: Option<u64>,
+    kind: EventKind,
+    (old_state, new_state): (u32, u32),
+    event: *mut StateEvent,
+) -> u64 {
+    unsafe {
+        // One copy for addresses, ports, family, namespace and cookie: the helper call
+        // costs more than the bytes (zero-filled if it faults).
+        let common = addr_of_mut!((*event).common);
+        bpf_probe_read_kernel(common.cast(), SOCK_COMMON_BYTES as u32, sk as *const c_void);
+        let net = match config.net {
+            ABSENT => 0,
+            offset => (*common).get(offset as usize / 8).copied().unwrap_or(0),
+        };
+        let netns = net_inode(config, net);
+        let cookie = match (cookie, config.cookie) {
+            (Some(cookie), _) => cookie,
+            (None, ABSENT) => 0,
+            (None, offset) if (offset as usize) < SOCK_COMMON_BYTES => {
+                (*common).get(offset as usize / 8).copied().unwrap_or(0)
+            }
+            (None, offset) => read_pointer(sk, offset),
+        };
+        (*event).header = header(kind, sk, cookie);
+        let identity = addr_of_mut!((*event).identity).cast::<u64>();
+        let mut i = 0;
+        while i < SockField::IDENTITY {
+            read_word(sk, config.sock_fields[i], identity.add(i));
+            i += 1;
+        }
+        (*event).old_state = old_state;
+        (*event).new_state = new_state;
+        (*event).netns = netns;
         (*event)._pad = 0;
         // Any other transition may run in softirq or a timer, on behalf of whichever
         // task happened to be interrupted: its owner would be a lie.
-        match new_state {
+        match new_state as i32 {
             TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_LISTEN => {
                 write_current_owner(addr_of_mut!((*event).owner))
             }
             _ => (*event).owner = Owner::NONE,
         }
+        (*event).header.timestamp_ns
     }
-    // SAFETY: the header was written above.
-    let now = unsafe { (*event).header.timestamp_ns };
-    entry.submit(wakeup_flags(now));
 }
 
 /// Writes the task making the current system call into `owner` (in place: the
@@ -398,9 +446,7 @@ fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
     if sk == 0 || !is_tcp(config, sk) {
         return;
     }
-    let mut cookie = 0u64;
-    // SAFETY: fault-tolerant read into a local.
-    unsafe { read_word(sk, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
+    let cookie = read_pointer(sk, config.cookie);
     let Some(mut entry) = EVENTS.reserve::<OwnerEvent>(0) else {
         count_lost();
         warn!(ctx, "ring buffer full: owner of an accepted socket lost");
@@ -417,7 +463,7 @@ fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
     entry.submit(wakeup_flags(now));
 }
 
-/// The pointer at `base + offset`, or 0 if absent or unreadable.
+/// The 8-byte word (a pointer, a cookie) at `base + offset`, or 0 if absent or unreadable.
 #[inline(always)]
 fn read_pointer(base: u64, offset: u32) -> u64 {
     if base == 0 {
@@ -460,9 +506,7 @@ fn record_reset(
         // An RST answering a packet that matched no socket: no connection of ours.
         return;
     }
-    let mut cookie = 0u64;
-    // SAFETY: reads kernel memory through the fault-tolerant helper into a local.
-    unsafe { read_word(skaddr, config.sock_fields[SockField::Cookie as usize], &mut cookie) };
+    let cookie = read_pointer(skaddr, config.cookie);
     let event = ResetEvent {
         header: header(kind, skaddr, cookie),
         state: read_u8(skaddr, config.state),
@@ -507,32 +551,35 @@ fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
     }
 }
 
-/// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels).
+/// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels), in the namespace
+/// `--debug.only-netns` follows if set.
 #[inline(always)]
 fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
+    is_tcp_protocol(config, sk) && in_followed_netns(config, sk)
+}
+
+#[inline(always)]
+fn is_tcp_protocol(config: &ProgramConfig, sk: u64) -> bool {
     let mut word = 0u64;
     // SAFETY: fault-tolerant read into a local.
     unsafe { read_word(sk, config.protocol.offset, &mut word) };
     ((word >> config.protocol.shift) as u32 & config.protocol.mask) == IPPROTO_TCP
-        && in_followed_netns(config, sk)
 }
 
 /// False only for sockets outside the one namespace `--debug.only-netns` follows.
 #[inline(always)]
 fn in_followed_netns(config: &ProgramConfig, sk: u64) -> bool {
-    config.only_netns == 0 || netns_inode(config, sk) == config.only_netns
+    config.only_netns == 0 || net_inode(config, read_pointer(sk, config.net)) == config.only_netns
 }
 
-/// `sk->__sk_common.skc_net.net->ns.inum`, or 0 without CONFIG_NET_NS.
+/// `net->ns.inum` of the socket's `struct net *`, or 0 without CONFIG_NET_NS.
 #[inline(always)]
-fn netns_inode(config: &ProgramConfig, sk: u64) -> u32 {
-    let mut net = 0u64;
-    // SAFETY: fault-tolerant reads into locals.
-    unsafe { read_word(sk, config.net, &mut net) };
+fn net_inode(config: &ProgramConfig, net: u64) -> u32 {
     if net == 0 || config.net_ns_inum == ABSENT {
         return 0;
     }
     let mut inum = MaybeUninit::<u32>::zeroed();
+    // SAFETY: fault-tolerant read into a local.
     unsafe {
         bpf_probe_read_kernel(
             inum.as_mut_ptr().cast(),
@@ -556,19 +603,6 @@ unsafe fn read_word(base: u64, offset: u32, dst: *mut u64) {
     }
     // The helper zero-fills `dst` when the read faults.
     unsafe { bpf_probe_read_kernel(dst.cast(), 8, (base + offset as u64) as *const c_void) };
-}
-
-/// Copies 16 bytes (an IPv6 address) at `base + offset` to `dst`.
-///
-/// # Safety
-/// `dst` must be valid for a 16-byte write.
-#[inline(always)]
-unsafe fn read_bytes(base: u64, offset: u32, dst: *mut [u8; 16]) {
-    if offset == ABSENT {
-        unsafe { *dst = [0; 16] };
-        return;
-    }
-    unsafe { bpf_probe_read_kernel(dst.cast(), 16, (base + offset as u64) as *const c_void) };
 }
 
 #[inline(always)]

@@ -11,7 +11,8 @@ use std::{
 };
 
 use observer_common::{
-    EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SockField, StateEvent,
+    CloseEvent, EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SOCK_COMMON_BYTES,
+    SockField, StateEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -158,18 +159,56 @@ pub enum DecodeError {
 #[derive(Clone, Debug)]
 pub struct Decoder {
     fields: [FieldDecoder; SockField::COUNT],
+    v6_addresses: Option<(u8, u8)>,
     reset_reasons: HashMap<u32, ResetReason>,
+}
+
+/// Evidence words of a [`CloseEvent`].
+type Evidence = [u64; SockField::COUNT - SockField::IDENTITY];
+
+/// The socket's head as the program copied it, byte-addressable, with 8 zero bytes of
+/// slack so a field near its end can be read as a whole word.
+struct Head([u8; SOCK_COMMON_BYTES + 8]);
+
+impl Head {
+    fn new(words: &[u64; SOCK_COMMON_BYTES / 8]) -> Self {
+        let mut bytes = [0; SOCK_COMMON_BYTES + 8];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Self(bytes)
+    }
+
+    fn word(&self, offset: u8) -> u64 {
+        let start = usize::from(offset).min(SOCK_COMMON_BYTES);
+        u64::from_ne_bytes(self.0[start..start + 8].try_into().expect("8 bytes"))
+    }
+
+    fn ipv6(&self, offset: u8) -> Ipv6Addr {
+        let start = usize::from(offset).min(SOCK_COMMON_BYTES - 16);
+        Ipv6Addr::from(<[u8; 16]>::try_from(&self.0[start..start + 16]).expect("16 bytes"))
+    }
 }
 
 impl Decoder {
     pub fn new(layout: &KernelLayout) -> Self {
-        Self { fields: layout.fields, reset_reasons: layout.reset_reasons.clone() }
+        Self {
+            fields: layout.fields,
+            v6_addresses: layout.v6_addresses,
+            reset_reasons: layout.reset_reasons.clone(),
+        }
     }
 
     pub fn decode(&self, record: &[u8]) -> Result<SocketEvent, DecodeError> {
         let header: EventHeader = read_record(record)?;
         match EventKind::from_u32(header.kind) {
-            Some(EventKind::State) => Ok(SocketEvent::State(self.state(&read_record(record)?)?)),
+            Some(EventKind::State) => {
+                Ok(SocketEvent::State(self.state(&read_record(record)?, None)?))
+            }
+            Some(EventKind::Close) => {
+                let raw: CloseEvent = read_record(record)?;
+                Ok(SocketEvent::State(self.state(&raw.state, Some(&raw.evidence))?))
+            }
             Some(EventKind::ResetSent) => {
                 Ok(SocketEvent::Reset(self.reset(&read_record(record)?, ResetDirection::Sent)))
             }
@@ -190,16 +229,33 @@ impl Decoder {
         }
     }
 
-    fn unsigned(&self, raw: &StateEvent, field: SockField) -> u64 {
-        self.fields[field as usize].unsigned(raw.sock[field as usize])
+    /// The raw word of `field`: from the head, the identity words, or the evidence
+    /// (0 before the final transition).
+    fn word(
+        &self,
+        head: &Head,
+        raw: &StateEvent,
+        evidence: Option<&Evidence>,
+        field: SockField,
+    ) -> u64 {
+        let index = field as usize;
+        match self.fields[index].common_offset {
+            Some(offset) => head.word(offset),
+            None if index < SockField::IDENTITY => raw.identity[index],
+            None => evidence.map_or(0, |words| words[index - SockField::IDENTITY]),
+        }
     }
 
-    fn signed(&self, raw: &StateEvent, field: SockField) -> i64 {
-        self.fields[field as usize].signed(raw.sock[field as usize])
-    }
-
-    fn state(&self, raw: &StateEvent) -> Result<StateChange, DecodeError> {
-        let field = |f| self.unsigned(raw, f);
+    fn state(
+        &self,
+        raw: &StateEvent,
+        evidence: Option<&Evidence>,
+    ) -> Result<StateChange, DecodeError> {
+        let head = Head::new(&raw.common);
+        let field =
+            |f: SockField| self.fields[f as usize].unsigned(self.word(&head, raw, evidence, f));
+        let signed =
+            |f: SockField| self.fields[f as usize].signed(self.word(&head, raw, evidence, f));
         let family = field(SockField::Family);
         // Ports are stored in network order except skc_num; inet_sport survives unhash.
         let local_port = match u16::from_be(field(SockField::SourcePort) as u16) {
@@ -208,7 +264,12 @@ impl Decoder {
         };
         let remote_port = u16::from_be(field(SockField::DestinationPort) as u16);
         let (local_ip, remote_ip) = if family == AF_INET6 {
-            (IpAddr::V6(Ipv6Addr::from(raw.saddr_v6)), IpAddr::V6(Ipv6Addr::from(raw.daddr_v6)))
+            let (local, remote) = self
+                .v6_addresses
+                .map_or((Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED), |(local, remote)| {
+                    (head.ipv6(local), head.ipv6(remote))
+                });
+            (IpAddr::V6(local), IpAddr::V6(remote))
         } else if family == AF_INET || family == 0 {
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
             (v4(field(SockField::SourceAddr4)), v4(field(SockField::DestinationAddr4)))
@@ -227,13 +288,13 @@ impl Decoder {
             local: SocketAddr::new(local_ip, local_port),
             remote: SocketAddr::new(remote_ip, remote_port),
             snapshot: Snapshot {
-                sk_err: self.signed(raw, SockField::Err) as i32,
-                sk_err_soft: self.signed(raw, SockField::ErrSoft) as i32,
+                sk_err: signed(SockField::Err) as i32,
+                sk_err_soft: signed(SockField::ErrSoft) as i32,
                 shutdown: field(SockField::Shutdown) as u8,
                 flags: SockFlags::from_kernel(field(SockField::Flags)),
-                linger_time: self.signed(raw, SockField::LingerTime),
+                linger_time: signed(SockField::LingerTime),
                 has_socket: field(SockField::Socket) != 0,
-                linger2: self.signed(raw, SockField::Linger2) as i32,
+                linger2: signed(SockField::Linger2) as i32,
                 retransmits: field(SockField::Retransmits) as u8,
                 probes_out: field(SockField::ProbesOut) as u8,
                 user_timeout_ms: field(SockField::UserTimeout) as u32,
@@ -282,6 +343,19 @@ mod tests {
 
     use super::*;
 
+    /// Where the fields sit in the socket's head (as on 6.18: `sock_common`).
+    const HEAD: [(SockField, u8); 7] = [
+        (SockField::DestinationAddr4, 0),
+        (SockField::SourceAddr4, 4),
+        (SockField::DestinationPort, 12),
+        (SockField::LocalPort, 14),
+        (SockField::Family, 16),
+        (SockField::Cookie, 88),
+        (SockField::Flags, 96),
+    ];
+    const V6_REMOTE: u8 = 56;
+    const V6_LOCAL: u8 = 72;
+
     fn layout() -> KernelLayout {
         let mut fields = [FieldDecoder::default(); SockField::COUNT];
         for field in SockField::ALL {
@@ -295,7 +369,9 @@ mod tests {
                 SockField::BytesAcked | SockField::BytesReceived => (64, false),
                 _ => (32, false),
             };
-            fields[field as usize] = FieldDecoder { present: true, shift: 0, bits, signed };
+            let common_offset = HEAD.iter().find(|(f, _)| *f == field).map(|(_, offset)| *offset);
+            fields[field as usize] =
+                FieldDecoder { present: true, common_offset, shift: 0, bits, signed };
         }
         let mut reset_reasons = HashMap::new();
         reset_reasons.insert(14, ResetReason::TcpState);
@@ -303,6 +379,7 @@ mod tests {
             config: ProgramConfig { valid: 1, ..ProgramConfig::UNSET },
             task_config: observer_common::TaskConfig::UNSET,
             fields,
+            v6_addresses: Some((V6_LOCAL, V6_REMOTE)),
             reset_reasons,
             missing: vec![],
         }
@@ -318,36 +395,50 @@ mod tests {
         EventHeader { kind: kind as u32, cpu: 1, timestamp_ns: 5, skaddr: 0xffff_0001, cookie: 9 }
     }
 
-    #[test]
-    fn decodes_a_state_event_with_garbage_above_each_field() {
-        let mut raw = StateEvent {
-            header: header(EventKind::State),
-            sock: [0xdead_beef_dead_0000; SockField::COUNT],
-            saddr_v6: [0; 16],
-            daddr_v6: [0; 16],
-            old_state: 4,
-            new_state: 7,
+    fn state_event(kind: EventKind, old_state: u32, new_state: u32) -> StateEvent {
+        StateEvent {
+            header: header(kind),
+            common: [0; SOCK_COMMON_BYTES / 8],
+            identity: [0; SockField::IDENTITY],
+            old_state,
+            new_state,
             netns: 4026531840,
             _pad: 0,
             owner: observer_common::Owner::NONE,
+        }
+    }
+
+    /// Writes `bytes` into the head at `offset` (native order, as the kernel has it).
+    fn put(raw: &mut StateEvent, offset: u8, bytes: &[u8]) {
+        let mut head: Vec<u8> = raw.common.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        head[usize::from(offset)..usize::from(offset) + bytes.len()].copy_from_slice(bytes);
+        for (word, chunk) in raw.common.iter_mut().zip(head.chunks_exact(8)) {
+            *word = u64::from_ne_bytes(chunk.try_into().unwrap());
+        }
+    }
+
+    #[test]
+    fn decodes_a_close_event_with_garbage_around_each_field() {
+        let mut raw = CloseEvent {
+            state: state_event(EventKind::Close, 4, 7),
+            evidence: [0xdead_beef_dead_0000; SockField::COUNT - SockField::IDENTITY],
         };
-        let set = |raw: &mut StateEvent, field: SockField, low: u64, bits: u32| {
+        raw.state.common = [0xa5a5_a5a5_a5a5_a5a5; SOCK_COMMON_BYTES / 8];
+        raw.state.identity = [0xdead_beef_dead_0000; SockField::IDENTITY];
+        put(&mut raw.state, 16, &2u16.to_ne_bytes());
+        put(&mut raw.state, 12, &40000u16.to_be_bytes());
+        put(&mut raw.state, 4, &[10, 0, 0, 2]);
+        put(&mut raw.state, 0, &[10, 0, 0, 1]);
+        put(&mut raw.state, 96, &0b1_1011u64.to_ne_bytes());
+        raw.state.identity[SockField::SourcePort as usize] =
+            0xdead_beef_dead_0000 | u64::from(8080u16.to_be());
+        let set = |raw: &mut CloseEvent, field: SockField, low: u64, bits: u32| {
             let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
-            raw.sock[field as usize] = (raw.sock[field as usize] & !mask) | low;
+            let word = &mut raw.evidence[field as usize - SockField::IDENTITY];
+            *word = (*word & !mask) | low;
         };
-        set(&mut raw, SockField::Family, 2, 16);
-        set(&mut raw, SockField::SourcePort, u64::from(8080u16.to_be()), 16);
-        set(&mut raw, SockField::DestinationPort, u64::from(40000u16.to_be()), 16);
-        set(&mut raw, SockField::SourceAddr4, u64::from(u32::from_ne_bytes([10, 0, 0, 2])), 32);
-        set(
-            &mut raw,
-            SockField::DestinationAddr4,
-            u64::from(u32::from_ne_bytes([10, 0, 0, 1])),
-            32,
-        );
         set(&mut raw, SockField::Err, u64::from(110u32), 32);
         set(&mut raw, SockField::Linger2, u64::from((-1i32) as u32), 32);
-        set(&mut raw, SockField::Flags, 0b1_1011, 64);
         set(&mut raw, SockField::Shutdown, 3, 8);
         set(&mut raw, SockField::ReceiveNext, 1100, 32);
         set(&mut raw, SockField::CopiedSeq, 1000, 32);
@@ -373,19 +464,31 @@ mod tests {
     }
 
     #[test]
+    fn a_state_event_has_no_evidence() {
+        let mut raw = state_event(EventKind::State, 2, 1);
+        put(&mut raw, 16, &2u16.to_ne_bytes());
+        put(&mut raw, 14, &45000u16.to_ne_bytes());
+        let decoded = Decoder::new(&layout()).decode(&bytes(&raw)).unwrap();
+        let SocketEvent::State(change) = decoded else { panic!("not a state event") };
+        assert_eq!(change.new, TcpState::Established);
+        // Without inet_sport (still 0 here), skc_num gives the local port.
+        assert_eq!(change.local.port(), 45000);
+        assert_eq!(change.snapshot, Snapshot::default());
+        // A close record cut to the size of a state record is truncated, not misread.
+        let mut close = bytes(&raw);
+        close[..4].copy_from_slice(&(EventKind::Close as u32).to_ne_bytes());
+        assert_eq!(
+            Decoder::new(&layout()).decode(&close),
+            Err(DecodeError::Truncated { len: size_of::<StateEvent>() })
+        );
+    }
+
+    #[test]
     fn decodes_ipv6_addresses_and_resets() {
-        let mut raw = StateEvent {
-            header: header(EventKind::State),
-            sock: [0; SockField::COUNT],
-            saddr_v6: Ipv6Addr::LOCALHOST.octets(),
-            daddr_v6: "fd00::2".parse::<Ipv6Addr>().unwrap().octets(),
-            old_state: 1,
-            new_state: 4,
-            netns: 0,
-            _pad: 0,
-            owner: observer_common::Owner::NONE,
-        };
-        raw.sock[SockField::Family as usize] = 10;
+        let mut raw = state_event(EventKind::State, 1, 4);
+        put(&mut raw, 16, &10u16.to_ne_bytes());
+        put(&mut raw, V6_LOCAL, &Ipv6Addr::LOCALHOST.octets());
+        put(&mut raw, V6_REMOTE, &"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
         let decoder = Decoder::new(&layout());
         let SocketEvent::State(change) = decoder.decode(&bytes(&raw)).unwrap() else { panic!() };
         assert_eq!(change.local.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));

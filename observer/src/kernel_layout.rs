@@ -4,7 +4,8 @@
 //! (`sk_err` is at byte 284 on 6.12 and 544 on 6.1; `sk_protocol` is a bit field on 5.x).
 //! So at startup we look every field up by name in `/sys/kernel/btf/vmlinux` and hand the
 //! byte offsets to the programs ([`ProgramConfig`]); the programs copy the 8 bytes at each
-//! offset and [`FieldDecoder`] extracts the field (shift, width, sign) in userspace.
+//! offset (or, for the fields in the socket's head, the whole head at once) and
+//! [`FieldDecoder`] extracts the field (shift, width, sign) in userspace.
 //!
 //! The tracepoints' argument lists come from BTF too (`btf_trace_<name>` prototypes):
 //! `tcp_send_reset` gained its `reason` argument in 6.10.
@@ -12,7 +13,9 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, BitField, FdWalk, ProgramConfig, SockField, TaskConfig};
+use observer_common::{
+    ABSENT, BitField, FdWalk, ProgramConfig, SOCK_COMMON_BYTES, SockField, TaskConfig,
+};
 
 use crate::{error::Error, tcp::ResetReason};
 
@@ -27,6 +30,9 @@ pub const TRACEPOINTS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tc
 pub struct FieldDecoder {
     /// False when this kernel lacks the field; it then decodes as 0.
     pub present: bool,
+    /// Where the field starts in the socket's head ([`observer_common::StateEvent::common`])
+    /// if it lies there; otherwise the program copied its own word.
+    pub common_offset: Option<u8>,
     /// Bit position inside the first byte (non-zero only for bit fields).
     pub shift: u8,
     /// Width in bits (at most 64).
@@ -64,6 +70,9 @@ pub struct KernelLayout {
     pub task_config: TaskConfig,
     /// One decoder per [`SockField`], same order.
     pub fields: [FieldDecoder; SockField::COUNT],
+    /// Where `skc_v6_rcv_saddr` and `skc_v6_daddr` start in the socket's head (None
+    /// without CONFIG_IPV6).
+    pub v6_addresses: Option<(u8, u8)>,
     /// `enum sk_rst_reason` value → reason (empty before 6.10).
     pub reset_reasons: HashMap<u32, ResetReason>,
     /// Fields this kernel does not have (reported once at startup).
@@ -152,9 +161,14 @@ impl KernelLayout {
             let (root, path) = sock_field_path(field);
             match resolver.member(root, path) {
                 Some(member) if member.byte_size <= 8 => {
-                    config.sock_fields[field as usize] = member.bit_offset / 8;
+                    let offset = member.bit_offset / 8;
+                    let end = (member.bit_offset + member.bits).div_ceil(8);
+                    let in_head = root == "sock" && end as usize <= SOCK_COMMON_BYTES;
+                    // The programs skip the fields they copy with the head.
+                    config.sock_fields[field as usize] = if in_head { ABSENT } else { offset };
                     fields[field as usize] = FieldDecoder {
                         present: true,
+                        common_offset: in_head.then_some(offset as u8),
                         shift: (member.bit_offset % 8) as u8,
                         bits: member.bits as u8,
                         signed: member.signed,
@@ -172,10 +186,33 @@ impl KernelLayout {
         let byte_offset =
             |root, path: &[&str]| resolver.member(root, path).map(|m| m.bit_offset / 8);
         // Without CONFIG_IPV6 there are no v6 addresses; without CONFIG_NET_NS no netns.
-        config.saddr_v6 =
-            byte_offset("sock", &["__sk_common", "skc_v6_rcv_saddr"]).unwrap_or(ABSENT);
-        config.daddr_v6 = byte_offset("sock", &["__sk_common", "skc_v6_daddr"]).unwrap_or(ABSENT);
-        config.net = byte_offset("sock", &["__sk_common", "skc_net", "net"]).unwrap_or(ABSENT);
+        // Both must lie in the head the programs copy (they do from 5.10 to 6.18).
+        let in_head = |field: &'static str, offset: u32, size: u32| {
+            if (offset + size) as usize <= SOCK_COMMON_BYTES {
+                Ok(offset as u8)
+            } else {
+                Err(Error::KernelHeadLayout { field })
+            }
+        };
+        let v6_local = byte_offset("sock", &["__sk_common", "skc_v6_rcv_saddr"]);
+        let v6_remote = byte_offset("sock", &["__sk_common", "skc_v6_daddr"]);
+        let v6_addresses = match (v6_local, v6_remote) {
+            (Some(local), Some(remote)) => Some((
+                in_head("skc_v6_rcv_saddr", local, 16)?,
+                in_head("skc_v6_daddr", remote, 16)?,
+            )),
+            _ => None,
+        };
+        config.net = match byte_offset("sock", &["__sk_common", "skc_net", "net"]) {
+            Some(offset) if offset % 8 == 0 => u32::from(in_head("skc_net", offset, 8)?),
+            Some(_) => return Err(Error::KernelHeadLayout { field: "skc_net" }),
+            None => ABSENT,
+        };
+        config.cookie =
+            byte_offset("sock", &["__sk_common", "skc_cookie", "counter"]).unwrap_or(ABSENT);
+        if config.cookie != ABSENT && !config.cookie.is_multiple_of(8) {
+            return Err(Error::KernelHeadLayout { field: "skc_cookie" });
+        }
         config.net_ns_inum = byte_offset("net", &["ns", "inum"]).unwrap_or(ABSENT);
         config.state = byte_offset("sock", &["__sk_common", "skc_state"])
             .ok_or(Error::KernelLayout { field: "skc_state" })?;
@@ -222,7 +259,7 @@ impl KernelLayout {
         }
         config.valid = 1;
 
-        Ok(Self { config, task_config, fields, reset_reasons, missing })
+        Ok(Self { config, task_config, fields, v6_addresses, reset_reasons, missing })
     }
 
     pub fn decoder(&self, field: SockField) -> FieldDecoder {
@@ -387,19 +424,24 @@ mod tests {
 
     #[test]
     fn decodes_plain_fields_and_bit_fields() {
-        let byte = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
+        let byte =
+            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 8, signed: false };
         assert_eq!(byte.unsigned(0xdead_beef_0000_0103), 3);
-        let int = FieldDecoder { present: true, shift: 0, bits: 32, signed: true };
+        let int =
+            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 32, signed: true };
         assert_eq!(int.signed(0x1234_5678_ffff_ffff), -1);
         assert_eq!(int.signed(0x0000_0000_0000_006e), 110);
         // sk_protocol:8 at bit 8 of its word, as in 5.x.
-        let protocol = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
+        let protocol =
+            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 8, signed: false };
         assert_eq!(protocol.unsigned(0xff06), 6);
-        let bitfield = FieldDecoder { present: true, shift: 4, bits: 4, signed: false };
+        let bitfield =
+            FieldDecoder { present: true, common_offset: None, shift: 4, bits: 4, signed: false };
         assert_eq!(bitfield.unsigned(0b1010_0000), 0b1010);
         let absent = FieldDecoder::default();
         assert_eq!(absent.unsigned(u64::MAX), 0);
-        let wide = FieldDecoder { present: true, shift: 0, bits: 64, signed: false };
+        let wide =
+            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 64, signed: false };
         assert_eq!(wide.unsigned(u64::MAX), u64::MAX);
     }
 

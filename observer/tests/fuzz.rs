@@ -21,7 +21,7 @@ use observer::{
     tcp::{ResetReason, SockFlags, TcpState},
     tracker::{ClosedConnection, Tracker},
 };
-use observer_common::{ProgramConfig, SockField, StateEvent, TaskConfig};
+use observer_common::{CloseEvent, ProgramConfig, SockField, TaskConfig};
 use proptest::{prelude::*, sample::select};
 
 fn config(cases: u32) -> ProptestConfig {
@@ -31,8 +31,15 @@ fn config(cases: u32) -> ProptestConfig {
 // ---------------------------------------------------------------- decoder
 
 fn field_decoder() -> impl Strategy<Value = FieldDecoder> {
-    (any::<bool>(), any::<u8>(), any::<u8>(), any::<bool>())
-        .prop_map(|(present, shift, bits, signed)| FieldDecoder { present, shift, bits, signed })
+    (any::<bool>(), any::<Option<u8>>(), any::<u8>(), any::<u8>(), any::<bool>()).prop_map(
+        |(present, common_offset, shift, bits, signed)| FieldDecoder {
+            present,
+            common_offset,
+            shift,
+            bits,
+            signed,
+        },
+    )
 }
 
 /// A layout as BTF could describe it — or as a corrupt BTF could.
@@ -40,14 +47,16 @@ fn layout() -> impl Strategy<Value = KernelLayout> {
     (
         prop::collection::vec(field_decoder(), SockField::COUNT),
         prop::collection::hash_map(any::<u32>(), any_reason_value(), 0..4),
+        any::<Option<(u8, u8)>>(),
     )
-        .prop_map(|(decoders, reset_reasons)| {
+        .prop_map(|(decoders, reset_reasons, v6_addresses)| {
             let mut fields = [FieldDecoder::default(); SockField::COUNT];
             fields.copy_from_slice(&decoders);
             KernelLayout {
                 config: ProgramConfig::UNSET,
                 task_config: TaskConfig::UNSET,
                 fields,
+                v6_addresses,
                 reset_reasons,
                 missing: vec![],
             }
@@ -60,7 +69,7 @@ fn any_reason_value() -> impl Strategy<Value = ResetReason> {
 
 /// Bytes that start like a record of `kind`, so the field decoding runs on garbage.
 fn record_of_kind() -> impl Strategy<Value = Vec<u8>> {
-    (1..=4u32, prop::collection::vec(any::<u8>(), 4..size_of::<StateEvent>() + 64)).prop_map(
+    (1..=5u32, prop::collection::vec(any::<u8>(), 4..size_of::<CloseEvent>() + 64)).prop_map(
         |(kind, mut bytes)| {
             bytes[..4].copy_from_slice(&kind.to_ne_bytes());
             bytes
