@@ -262,6 +262,10 @@ struct Resets {
 }
 
 impl Resets {
+    fn none(&self) -> bool {
+        !(self.received_before || self.active_before || self.active_after || self.reply_after)
+    }
+
     fn of(history: &History) -> Self {
         let sent = |after: bool, reply: bool| {
             history.resets.iter().any(|r| {
@@ -364,6 +368,13 @@ fn by_error(close: &Close, resets: &Resets) -> Verdict {
         }
         errno::ECONNRESET | errno::EPIPE if resets.reply_after => {
             Verdict::new(Cause::DataAfterClose)
+        }
+        // What tcp_reset() leaves (EPIPE in CLOSE_WAIT), with no RST recorded at all:
+        // its event was lost (a full ring). tcp_disconnect(), the other writer of
+        // ECONNRESET, sends an RST we would have seen too, so the peer's RST is by far
+        // the likelier story; the detail says it was inferred.
+        errno::ECONNRESET | errno::EPIPE if resets.none() => {
+            Verdict::with(Cause::Received, "reset_event_missing")
         }
         err => Verdict::with(Cause::Unknown, errno::name(err).unwrap_or("unexpected_sk_err")),
     }
@@ -661,6 +672,11 @@ mod tests {
             .rst_in()
             .close(CloseWait, sock(|s| s.sk_err = errno::EPIPE));
         assert_eq!(epipe.verdict(), (Class::Rst, Cause::Received, None));
+
+        // The RST's own event lost (ring full): sk_err still tells, and the detail says
+        // the verdict was inferred.
+        let lost = client().close(Established, sock(|s| s.sk_err = errno::ECONNRESET));
+        assert_eq!(lost.verdict(), (Class::Rst, Cause::Received, Some("reset_event_missing")));
 
         let refused = Build::new(Role::Client)
             .to(Close, SynSent)
