@@ -328,8 +328,9 @@ pub struct Tracker {
     capacity: NonZeroUsize,
     owners: Owners,
     /// Owners of sockets older than the daemon, by cookie (from the startup descriptor
-    /// scan), taken when such a socket is first seen.
-    preexisting_owners: std::collections::HashMap<u64, Process>,
+    /// scan), taken when such a socket is first seen. Idle ones may never be: shared
+    /// like the tracked sockets' owners, they cost a word each.
+    preexisting_owners: std::collections::HashMap<u64, Arc<Process>>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
     stats: TrackerStats,
@@ -349,7 +350,8 @@ impl Tracker {
 
     /// Owners of the sockets that existed when the daemon started, by cookie.
     pub fn set_preexisting_owners(&mut self, owners: std::collections::HashMap<u64, Process>) {
-        self.preexisting_owners = owners;
+        self.preexisting_owners =
+            owners.into_iter().map(|(cookie, owner)| (cookie, self.owners.share(owner))).collect();
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -452,7 +454,7 @@ impl Tracker {
             // First sight of a socket opened before we started.
             self.settle_previous_lifetime(change.socket, decided);
             let mut tracked = Tracked::new(None, None, change);
-            tracked.owner = self.preexisting_owner(change.cookie);
+            tracked.owner = self.preexisting_owners.remove(&change.cookie);
             self.insert(change.socket, tracked, decided);
         }
 
@@ -491,11 +493,6 @@ impl Tracker {
         }
     }
 
-    fn preexisting_owner(&mut self, cookie: u64) -> Option<Arc<Process>> {
-        let owner = self.preexisting_owners.remove(&cookie)?;
-        Some(self.owners.share(owner))
-    }
-
     fn reset(&mut self, reset: &Reset, decided: &mut Vec<ClosedConnection>) {
         if !self.sockets.contains(&reset.socket) {
             // RSTs from timewait/request sockets and listeners, or after a socket was
@@ -520,7 +517,7 @@ impl Tracker {
                 cookie: reset.cookie,
                 local: unknown,
                 remote: unknown,
-                owner: self.preexisting_owner(reset.cookie),
+                owner: self.preexisting_owners.remove(&reset.cookie),
                 end: None,
             };
             self.insert(reset.socket, placeholder, decided);
