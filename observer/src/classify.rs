@@ -46,8 +46,7 @@ impl Role {
     }
 }
 
-/// One transition kept by the tracker (same-state events included: `5 -> 5` means
-/// `close()` after `shutdown()`).
+/// One state transition of a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub old: TcpState,
@@ -78,7 +77,9 @@ pub struct ResetSeen {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct History {
     pub role: Option<Role>,
-    pub transitions: Vec<Transition>,
+    /// The last transition before F that changed the state (`5 -> 5`, `close()` after
+    /// `shutdown()`, is not one).
+    pub last_change: Option<Transition>,
     pub close: Option<Close>,
     pub resets: Vec<ResetSeen>,
 }
@@ -455,16 +456,11 @@ fn fin_wait2_orphan(history: &History, close: &Close, resets: &Resets) -> Verdic
     }
     // The peer's FIN arrived: TIME_WAIT. "Three-way" when it came in the same segment
     // that ACKed our FIN (FIN_WAIT1 -> FIN_WAIT2 -> CLOSE in one softirq).
-    let three_way = history
-        .transitions
-        .iter()
-        .rev()
-        .find(|t| t.new != TcpState::Close && t.old != t.new)
-        .is_some_and(|t| {
-            t.old == TcpState::FinWait1
-                && t.new == TcpState::FinWait2
-                && close.timestamp_ns.saturating_sub(t.timestamp_ns) < 1_000_000
-        });
+    let three_way = history.last_change.is_some_and(|t| {
+        t.old == TcpState::FinWait1
+            && t.new == TcpState::FinWait2
+            && close.timestamp_ns.saturating_sub(t.timestamp_ns) < 1_000_000
+    });
     Verdict::with(Cause::Active, if three_way { "three_way" } else { "time_wait" })
 }
 
@@ -543,7 +539,9 @@ mod tests {
 
         fn to(mut self, old: TcpState, new: TcpState) -> Self {
             self.now += 10 * MS;
-            self.history.transitions.push(Transition { old, new, timestamp_ns: self.now });
+            if old != new && new != Close {
+                self.history.last_change = Some(Transition { old, new, timestamp_ns: self.now });
+            }
             self
         }
 

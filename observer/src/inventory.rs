@@ -17,7 +17,7 @@ use std::{
     io,
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -82,11 +82,7 @@ impl NamespaceSockets {
     /// The service port of a socket: its local port if something in this namespace
     /// listens on it (the server side), else the remote one.
     pub fn service_port(&self, listening: &HashSet<u16>, socket: &DiagSocket) -> u16 {
-        if listening.contains(&socket.local.port()) {
-            socket.local.port()
-        } else {
-            socket.remote.port()
-        }
+        service_port(listening, socket.local.port(), socket.remote.port())
     }
 
     /// What a dump alone tells of a socket's role: on a port this namespace listens on,
@@ -113,6 +109,11 @@ impl NamespaceSockets {
     }
 }
 
+/// See [`NamespaceSockets::service_port`].
+fn service_port(listening: &HashSet<u16>, local: u16, remote: u16) -> u16 {
+    if listening.contains(&local) { local } else { remote }
+}
+
 /// What the metrics need of one namespace: counts and oldest age per state, and the
 /// CLOSE_WAIT sockets' ages by service port. Kept instead of the sockets themselves,
 /// which may be hundreds of thousands (TIME_WAIT under churn).
@@ -128,18 +129,55 @@ pub struct NamespaceSummary {
 impl NamespaceSummary {
     /// Summarises a listing, given each socket's age.
     pub fn of(namespace: &NamespaceSockets, mut age: impl FnMut(&DiagSocket) -> f64) -> Self {
-        let listening = namespace.listening_ports();
-        let mut summary = Self { netns: namespace.netns, ..Self::default() };
+        let mut tally = Tally::new(namespace.netns);
         for socket in &namespace.sockets {
-            let age = age(socket);
-            let entry = summary.states.entry(socket.state).or_default();
-            entry.0 += 1;
-            entry.1 = entry.1.max(age);
-            if socket.state == TcpState::CloseWait {
-                summary.close_wait_ages.push((namespace.service_port(&listening, socket), age));
-            }
+            tally.add(socket, age(socket));
         }
-        summary
+        tally.finish()
+    }
+}
+
+/// A [`NamespaceSummary`] built while the namespace is being listed, so that its
+/// sockets need not be kept.
+struct Tally {
+    summary: NamespaceSummary,
+    listening: HashSet<u16>,
+    /// (local port, remote port, seconds in CLOSE_WAIT) of each CLOSE_WAIT socket: which
+    /// port is the service is known once all the listeners have been seen.
+    close_wait: Vec<(u16, u16, f64)>,
+}
+
+impl Tally {
+    fn new(netns: u32) -> Self {
+        Self {
+            summary: NamespaceSummary { netns, ..NamespaceSummary::default() },
+            listening: HashSet::new(),
+            close_wait: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, socket: &DiagSocket, age: f64) {
+        let entry = self.summary.states.entry(socket.state).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(age);
+        match socket.state {
+            TcpState::Listen => {
+                self.listening.insert(socket.local.port());
+            }
+            TcpState::CloseWait => {
+                self.close_wait.push((socket.local.port(), socket.remote.port(), age));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(mut self) -> NamespaceSummary {
+        self.summary.close_wait_ages = self
+            .close_wait
+            .into_iter()
+            .map(|(local, remote, age)| (service_port(&self.listening, local, remote), age))
+            .collect();
+        self.summary
     }
 }
 
@@ -166,8 +204,42 @@ pub struct Inventory {
 struct State {
     taken_at: Option<Instant>,
     latest: Arc<Summary>,
-    /// (netns, cookie) → (state, milliseconds after `started` it was first seen in it).
-    first_seen: HashMap<(u32, u64), (TcpState, u64)>,
+    /// netns → socket cookie → when the socket was first seen in its state. Updated in
+    /// place (not rebuilt) at each refresh: there may be hundreds of thousands of sockets.
+    first_seen: HashMap<u32, HashMap<u64, Seen>>,
+    /// Flipped at each refresh; entries it did not mark were not listed again.
+    parity: bool,
+}
+
+/// A socket's entry in [`State::first_seen`], in one word: its state (4 bits), the
+/// parity of the refresh that last listed it (1 bit), and since when it has been in that
+/// state (milliseconds after [`Inventory`]'s start, 59 bits).
+#[derive(Clone, Copy, Debug)]
+struct Seen(u64);
+
+impl Seen {
+    const SINCE_BITS: u32 = 59;
+    const SINCE_MASK: u64 = (1 << Self::SINCE_BITS) - 1;
+
+    fn new(state: TcpState, parity: bool, since_ms: u64) -> Self {
+        Self(
+            (state as u64) << (Self::SINCE_BITS + 1)
+                | u64::from(parity) << Self::SINCE_BITS
+                | since_ms & Self::SINCE_MASK,
+        )
+    }
+
+    fn state(self) -> TcpState {
+        TcpState::ALL[(self.0 >> (Self::SINCE_BITS + 1)) as usize]
+    }
+
+    fn parity(self) -> bool {
+        self.0 >> Self::SINCE_BITS & 1 == 1
+    }
+
+    fn since_ms(self) -> u64 {
+        self.0 & Self::SINCE_MASK
+    }
 }
 
 impl Default for Inventory {
@@ -182,8 +254,8 @@ impl Inventory {
     }
 
     /// The latest summary, taken anew if it is older than `max_age` (blocking: call
-    /// from a blocking thread). Each namespace is listed, summarised and dropped before
-    /// the next, so memory holds one namespace's sockets at a time.
+    /// from a blocking thread). Sockets are counted as the kernel lists them, never kept
+    /// all at once.
     pub fn refresh(&self, max_age: Duration) -> Arc<Summary> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.taken_at.is_some_and(|at| at.elapsed() < max_age) {
@@ -191,22 +263,31 @@ impl Inventory {
         }
         let now = Instant::now();
         let now_ms = now.duration_since(self.started).as_millis() as u64;
-        let previous = std::mem::take(&mut state.first_seen);
-        let mut first_seen = HashMap::with_capacity(previous.len());
+        state.parity = !state.parity;
+        let parity = state.parity;
+        let first_seen = &mut state.first_seen;
         let mut namespaces = Vec::new();
-        let failures = for_each_namespace(Detail::StatesOnly, |namespace| {
-            let summary = NamespaceSummary::of(&namespace, |socket| {
-                let key = (namespace.netns, socket.cookie);
-                let since = match previous.get(&key) {
-                    Some((seen_state, since)) if *seen_state == socket.state => *since,
-                    _ => now_ms,
-                };
-                first_seen.insert(key, (socket.state, since));
-                now_ms.saturating_sub(since) as f64 / 1000.0
-            });
-            namespaces.push(summary);
+        let failures = for_each_namespace(Detail::StatesOnly, |netns, namespace| {
+            let seen = first_seen.entry(netns).or_default();
+            let mut tally = Tally::new(netns);
+            namespace.list(|socket| {
+                let entry =
+                    seen.entry(socket.cookie).or_insert(Seen::new(socket.state, parity, now_ms));
+                let since = if entry.state() == socket.state { entry.since_ms() } else { now_ms };
+                *entry = Seen::new(socket.state, parity, since);
+                tally.add(&socket, now_ms.saturating_sub(since) as f64 / 1000.0);
+            })?;
+            namespaces.push(tally.finish());
+            Ok(())
         });
-        state.first_seen = first_seen;
+        first_seen.retain(|_, seen| {
+            seen.retain(|_, entry| entry.parity() == parity);
+            // Give back what a burst of sockets (TIME_WAIT under churn) made it grow to.
+            if seen.capacity() > 4 * seen.len().max(1024) {
+                seen.shrink_to(2 * seen.len());
+            }
+            !seen.is_empty()
+        });
         state.latest = Arc::new(Summary { namespaces, failures });
         state.taken_at = Some(now);
         crate::release_freed_heap();
@@ -222,7 +303,12 @@ impl Inventory {
 /// Every socket of every namespace, listed now (blocking).
 pub fn list_all() -> Vec<NamespaceSockets> {
     let mut namespaces = Vec::new();
-    for_each_namespace(Detail::WithCounters, |namespace| namespaces.push(namespace));
+    for_each_namespace(Detail::WithCounters, |netns, namespace| {
+        let mut sockets = Vec::new();
+        namespace.list(|socket| sockets.push(socket))?;
+        namespaces.push(NamespaceSockets { netns, sockets });
+        Ok(())
+    });
     namespaces
 }
 
@@ -253,20 +339,37 @@ pub fn network_namespaces() -> Vec<(u32, PathBuf)> {
         .collect()
 }
 
-/// Lists each namespace in turn on a thread of its own (see the module documentation)
-/// and hands the listings to `visit`; returns how many namespaces could not be listed.
-fn for_each_namespace(detail: Detail, mut visit: impl FnMut(NamespaceSockets) + Send) -> u64 {
+/// One network namespace, ready to be listed from the inventory thread.
+struct Namespace<'a> {
+    path: &'a Path,
+    detail: Detail,
+}
+
+impl Namespace<'_> {
+    /// Enters the namespace and hands each of its sockets to `visit` as the kernel lists
+    /// them.
+    fn list(self, visit: impl FnMut(DiagSocket)) -> io::Result<()> {
+        let namespace = File::open(self.path)?;
+        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(io::Error::from)?;
+        dump_tcp_sockets(self.detail, visit)
+    }
+}
+
+/// Hands each namespace in turn to `visit` (with its inode) on a thread of its own (see
+/// the module documentation); returns how many namespaces could not be listed.
+fn for_each_namespace(
+    detail: Detail,
+    mut visit: impl FnMut(u32, Namespace<'_>) -> io::Result<()> + Send,
+) -> u64 {
     std::thread::scope(|scope| {
         let dumper =
             std::thread::Builder::new().name("inventory".into()).spawn_scoped(scope, move || {
                 let mut failures = 0;
                 for (netns, path) in network_namespaces() {
-                    match enter_and_dump(&path, detail) {
-                        Ok(sockets) => visit(NamespaceSockets { netns, sockets }),
-                        Err(error) => {
-                            log::debug!("cannot list the sockets of {}: {error}", path.display());
-                            failures += 1;
-                        }
+                    if let Err(error) = visit(netns, Namespace { path: &path, detail }) {
+                        log::debug!("cannot list the sockets of {}: {error}", path.display());
+                        failures += 1;
                     }
                 }
                 failures
@@ -290,22 +393,16 @@ pub enum Detail {
     WithCounters,
 }
 
-fn enter_and_dump(path: &std::path::Path, detail: Detail) -> io::Result<Vec<DiagSocket>> {
-    let namespace = File::open(path)?;
-    nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    dump_tcp_sockets(detail)
-}
-
-/// Every TCP socket of the calling thread's network namespace, both families.
-pub fn dump_tcp_sockets(detail: Detail) -> io::Result<Vec<DiagSocket>> {
+/// Hands every TCP socket of the calling thread's network namespace, both families, to
+/// `visit`.
+pub fn dump_tcp_sockets(detail: Detail, mut visit: impl FnMut(DiagSocket)) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
-    let mut sockets = Vec::new();
     for (family, any) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
-        dump_family(&socket, family, any, detail, &mut sockets)?;
+        dump_family(&socket, family, any, detail, &mut visit)?;
     }
-    Ok(sockets)
+    Ok(())
 }
 
 /// All states `ss -a` asks for, TCP_ESTABLISHED (1) to TCP_BOUND_INACTIVE (13).
@@ -316,7 +413,7 @@ fn dump_family(
     family: u8,
     any: SocketId,
     detail: Detail,
-    out: &mut Vec<DiagSocket>,
+    visit: &mut impl FnMut(DiagSocket),
 ) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -358,7 +455,7 @@ fn dump_family(
                         TcpState::NewSynRecv => TcpState::SynRecv,
                         state => state,
                     };
-                    out.push(DiagSocket {
+                    visit(DiagSocket {
                         state,
                         local: SocketAddr::new(id.source_address, id.source_port),
                         remote: SocketAddr::new(id.destination_address, id.destination_port),
@@ -393,7 +490,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
-        let sockets = dump_tcp_sockets(Detail::WithCounters).expect("sock_diag dump");
+        let mut sockets = Vec::new();
+        dump_tcp_sockets(Detail::WithCounters, |socket| sockets.push(socket))
+            .expect("sock_diag dump");
         let local = client.local_addr().unwrap();
         // By both ends: TIME_WAIT leftovers of other connections may share the local port.
         let remote = listener.local_addr().unwrap();
@@ -407,6 +506,21 @@ mod tests {
                 .iter()
                 .any(|s| s.state == TcpState::Listen && s.local == listener.local_addr().unwrap())
         );
+    }
+
+    #[test]
+    fn first_seen_entries_keep_their_parts() {
+        for state in TcpState::ALL {
+            for parity in [false, true] {
+                for since_ms in [0, 1, 86_400_000 * 365 * 100] {
+                    let seen = Seen::new(state, parity, since_ms);
+                    assert_eq!(
+                        (seen.state(), seen.parity(), seen.since_ms()),
+                        (state, parity, since_ms)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

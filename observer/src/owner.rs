@@ -20,7 +20,7 @@ use std::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A process, as the kernel saw it in one of the socket's system calls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
     /// The thread that made the call.

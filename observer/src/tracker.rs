@@ -19,8 +19,19 @@
 //! **Bounds.** At most `capacity` sockets; past that the least recently active is
 //! evicted (counted, never classified on partial evidence), so memory stays bounded
 //! under any churn, including sockets whose final event was lost.
+//!
+//! **Size.** A busy host has hundreds of thousands of sockets open, so a tracked socket
+//! keeps only what its verdict and `/connections` need, compactly: the states it went
+//! through four bits each, the one transition the classifier looks back at, addresses
+//! without `SocketAddr`'s padding, its owner shared with the other sockets of the same
+//! process, and the evidence of its end boxed (it exists only for the last instants).
 
-use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize};
+use std::{
+    collections::{HashSet, VecDeque},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    num::{NonZeroU64, NonZeroUsize},
+    sync::Arc,
+};
 
 use lru::LruCache;
 use serde::Serialize;
@@ -35,8 +46,6 @@ use crate::{
 /// How long after F RSTs of the same kernel call are waited for.
 pub const EVIDENCE_WINDOW_NS: u64 = 100_000_000;
 
-/// Transitions kept per socket; long-lived sockets rarely have more than eight.
-const MAX_TRANSITIONS: usize = 16;
 /// RSTs kept per socket (a connection sees one or two; a flood of them must not grow
 /// memory). Further ones are still counted in the metrics, not kept as evidence.
 const MAX_RESETS: usize = 8;
@@ -85,17 +94,134 @@ pub enum Effect {
     None,
 }
 
-/// Per-socket state while it is tracked.
+/// Per-socket state while it is tracked (see **Size** above).
 #[derive(Clone, Debug)]
 struct Tracked {
-    history: History,
     state: TcpState,
-    opened_ns: Option<u64>,
+    role: Option<Role>,
+    states: StatePath,
+    /// [`History::last_change`], split so that its parts fill gaps in this struct.
+    last_change_ns: u64,
+    last_change: Option<(TcpState, TcpState)>,
+    /// CLOCK_MONOTONIC of the open; `None` for sockets opened before we started (an
+    /// event at time 0 cannot happen: the clock runs from boot).
+    opened_ns: Option<NonZeroU64>,
     netns: u32,
     cookie: u64,
-    local: SocketAddr,
-    remote: SocketAddr,
-    owner: Option<Process>,
+    local: Address,
+    remote: Address,
+    owner: Option<Arc<Process>>,
+    end: Option<Box<End>>,
+}
+
+/// F and the RSTs seen: the evidence the classifier decides on besides the transitions.
+/// RSTs come right before or after F, so most sockets never need it.
+#[derive(Clone, Debug, Default)]
+struct End {
+    close: Option<Close>,
+    resets: Vec<ResetSeen>,
+}
+
+/// The states a socket went through, first to current, four bits each (the first in the
+/// lowest bits, 0 = none). Past [`StatePath::CAPACITY`] states, the last one shown is the
+/// current state.
+#[derive(Clone, Copy, Debug, Default)]
+struct StatePath(u64);
+
+impl StatePath {
+    const CAPACITY: u32 = u64::BITS / 4;
+
+    fn len(self) -> u32 {
+        (u64::BITS - self.0.leading_zeros()).div_ceil(4)
+    }
+
+    fn get(self, index: u32) -> TcpState {
+        TcpState::ALL[((self.0 >> (4 * index)) & 0xf) as usize - 1]
+    }
+
+    fn last(self) -> Option<TcpState> {
+        self.len().checked_sub(1).map(|index| self.get(index))
+    }
+
+    /// Appends `state` unless the socket is already in it.
+    fn push(&mut self, state: TcpState) {
+        if self.last() == Some(state) {
+            return;
+        }
+        let index = self.len().min(Self::CAPACITY - 1);
+        let code = state as u64 + 1;
+        self.0 = self.0 & !(0xf << (4 * index)) | code << (4 * index);
+    }
+
+    fn to_vec(self) -> Vec<TcpState> {
+        (0..self.len()).map(|index| self.get(index)).collect()
+    }
+}
+
+/// A socket address in 19 bytes instead of `SocketAddr`'s 32 (the tracepoint's
+/// addresses carry no IPv6 flow label or scope).
+#[derive(Clone, Copy, Debug)]
+struct Address {
+    ip: [u8; 16],
+    port: [u8; 2],
+    v6: bool,
+}
+
+impl From<SocketAddr> for Address {
+    fn from(address: SocketAddr) -> Self {
+        let mut ip = [0; 16];
+        let v6 = match address {
+            SocketAddr::V4(v4) => {
+                ip[..4].copy_from_slice(&v4.ip().octets());
+                false
+            }
+            SocketAddr::V6(v6) => {
+                ip = v6.ip().octets();
+                true
+            }
+        };
+        Self { ip, port: address.port().to_ne_bytes(), v6 }
+    }
+}
+
+impl From<Address> for SocketAddr {
+    fn from(address: Address) -> Self {
+        let port = u16::from_ne_bytes(address.port);
+        if address.v6 {
+            SocketAddr::from((Ipv6Addr::from(address.ip), port))
+        } else {
+            let [a, b, c, d, ..] = address.ip;
+            SocketAddr::from((Ipv4Addr::new(a, b, c, d), port))
+        }
+    }
+}
+
+/// The owners of tracked sockets, each stored once however many sockets it owns.
+#[derive(Default)]
+struct Owners {
+    shared: HashSet<Arc<Process>>,
+    /// Size of `shared` after the last sweep of owners no socket refers to any more.
+    after_sweep: usize,
+}
+
+impl Owners {
+    /// Below this many owners a sweep is not worth its pass.
+    const MIN_SWEEP: usize = 1024;
+
+    fn share(&mut self, process: Process) -> Arc<Process> {
+        if let Some(shared) = self.shared.get(&process) {
+            return Arc::clone(shared);
+        }
+        // Sweeping whenever the set has doubled keeps it within twice the live owners at
+        // a constant cost per insertion.
+        if self.shared.len() >= (2 * self.after_sweep).max(Self::MIN_SWEEP) {
+            self.shared.retain(|owner| Arc::strong_count(owner) > 1);
+            self.after_sweep = self.shared.len();
+        }
+        let shared = Arc::new(process);
+        self.shared.insert(Arc::clone(&shared));
+        shared
+    }
 }
 
 /// A socket still open, as `/connections` lists it.
@@ -114,33 +240,67 @@ pub struct LiveSocket {
 }
 
 impl Tracked {
-    fn new(role: Option<Role>, opened_ns: Option<u64>, change: &StateChange) -> Self {
+    fn new(role: Option<Role>, opened_ns: Option<NonZeroU64>, change: &StateChange) -> Self {
         Self {
-            history: History { role, ..History::default() },
             state: change.old,
+            role,
+            states: StatePath::default(),
+            last_change_ns: 0,
+            last_change: None,
             opened_ns,
             netns: change.netns,
             cookie: change.cookie,
-            local: change.local,
-            remote: change.remote,
+            local: change.local.into(),
+            remote: change.remote.into(),
             owner: None,
+            end: None,
         }
     }
 
+    fn close(&self) -> Option<&Close> {
+        self.end.as_ref()?.close.as_ref()
+    }
+
     fn is_closed(&self) -> bool {
-        self.history.close.is_some()
+        self.close().is_some()
+    }
+
+    /// Records a transition: the states path, and what the classifier needs of it.
+    fn record(&mut self, change: &StateChange) {
+        // A socket born while we watched starts in its first new state (a client was
+        // never meaningfully "close", a child never "listen"); one opened before we
+        // started starts where we first saw it.
+        if self.states.len() == 0 && self.opened_ns.is_none() {
+            self.states.push(change.old);
+        }
+        self.states.push(change.new);
+        if change.old != change.new && change.new != TcpState::Close {
+            self.last_change = Some((change.old, change.new));
+            self.last_change_ns = change.timestamp_ns;
+        }
+    }
+
+    fn last_change(&self) -> Option<Transition> {
+        let (old, new) = self.last_change?;
+        Some(Transition { old, new, timestamp_ns: self.last_change_ns })
+    }
+
+    fn opened_ns(&self) -> Option<u64> {
+        self.opened_ns.map(NonZeroU64::get)
     }
 
     /// Keeps the best-known 4-tuple: SYN_SENT has no local port yet, and on kernels
     /// before 6.13 a new child's first event carries the listener's addresses.
     fn learn_addresses(&mut self, change: &StateChange) {
+        let mut local = SocketAddr::from(self.local);
         if change.local.port() != 0 && !change.local.ip().is_unspecified() {
-            self.local = change.local;
-        } else if self.local.port() == 0 {
-            self.local.set_port(change.local.port());
+            self.local = change.local.into();
+        } else if local.port() == 0 {
+            local.set_port(change.local.port());
+            self.local = local.into();
         }
         if change.remote.port() != 0 {
-            self.remote = change.remote;
+            self.remote = change.remote.into();
         }
         // Likewise its cookie: up to 6.12 that first event shows the listener's.
         if change.cookie != 0 {
@@ -162,10 +322,15 @@ pub struct TrackerStats {
 }
 
 pub struct Tracker {
+    /// Unbounded to the crate (which would allocate its table for the full capacity up
+    /// front); the capacity is enforced in [`Tracker::insert`].
     sockets: LruCache<SocketId, Tracked>,
+    capacity: NonZeroUsize,
+    owners: Owners,
     /// Owners of sockets older than the daemon, by cookie (from the startup descriptor
-    /// scan), taken when such a socket is first seen.
-    preexisting_owners: std::collections::HashMap<u64, Process>,
+    /// scan), taken when such a socket is first seen. Idle ones may never be: shared
+    /// like the tracked sockets' owners, they cost a word each.
+    preexisting_owners: std::collections::HashMap<u64, Arc<Process>>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
     stats: TrackerStats,
@@ -174,7 +339,9 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
-            sockets: LruCache::new(capacity),
+            sockets: LruCache::unbounded(),
+            capacity,
+            owners: Owners::default(),
             preexisting_owners: std::collections::HashMap::new(),
             closing: VecDeque::new(),
             stats: TrackerStats::default(),
@@ -183,7 +350,8 @@ impl Tracker {
 
     /// Owners of the sockets that existed when the daemon started, by cookie.
     pub fn set_preexisting_owners(&mut self, owners: std::collections::HashMap<u64, Process>) {
-        self.preexisting_owners = owners;
+        self.preexisting_owners =
+            owners.into_iter().map(|(cookie, owner)| (cookie, self.owners.share(owner))).collect();
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -226,12 +394,12 @@ impl Tracker {
             LiveSocket {
                 netns: tracked.netns,
                 cookie: tracked.cookie,
-                local: tracked.local,
-                remote: tracked.remote,
+                local: tracked.local.into(),
+                remote: tracked.remote.into(),
                 state: tracked.state,
-                role: tracked.history.role.unwrap_or(Role::Unknown),
-                opened_ns: tracked.opened_ns,
-                owner: tracked.owner,
+                role: tracked.role.unwrap_or(Role::Unknown),
+                opened_ns: tracked.opened_ns(),
+                owner: tracked.owner.as_deref().copied(),
                 states: states_visited(tracked),
             }
         })
@@ -246,7 +414,7 @@ impl Tracker {
             }
             self.closing.pop_front();
             // Stale entries (already settled by reuse or eviction) are skipped.
-            let current = self.sockets.peek(&socket).and_then(|t| t.history.close);
+            let current = self.sockets.peek(&socket).and_then(Tracked::close);
             if current.is_some_and(|c| evidence_deadline(c.timestamp_ns) == deadline)
                 && let Some(tracked) = self.sockets.pop(&socket)
             {
@@ -274,7 +442,8 @@ impl Tracker {
         if let Some(role) = birth {
             self.settle_previous_lifetime(change.socket, decided);
             let role = (role != Role::Unknown).then_some(role);
-            let mut tracked = Tracked::new(role, Some(change.timestamp_ns), change);
+            let opened = NonZeroU64::new(change.timestamp_ns.max(1));
+            let mut tracked = Tracked::new(role, opened, change);
             tracked.state = change.old;
             self.insert(change.socket, tracked, decided);
         } else if self.sockets.peek(&change.socket).is_none_or(|t| t.is_closed()) {
@@ -292,23 +461,19 @@ impl Tracker {
         let Some(tracked) = self.sockets.get_mut(&change.socket) else {
             return Effect::None;
         };
-        if tracked.history.transitions.len() < MAX_TRANSITIONS || change.new == TcpState::Close {
-            tracked.history.transitions.push(Transition {
-                old: change.old,
-                new: change.new,
-                timestamp_ns: change.timestamp_ns,
-            });
-        }
+        tracked.record(change);
         tracked.learn_addresses(change);
-        if change.owner.is_some() {
-            tracked.owner = change.owner;
+        if let Some(owner) = change.owner
+            && tracked.owner.as_deref() != Some(&owner)
+        {
+            tracked.owner = Some(self.owners.share(owner));
         }
         if change.old == change.new {
             return Effect::None;
         }
         tracked.state = change.new;
         if change.new == TcpState::Close {
-            tracked.history.close = Some(Close {
+            tracked.end.get_or_insert_default().close = Some(Close {
                 previous: change.old,
                 timestamp_ns: change.timestamp_ns,
                 snapshot: change.snapshot,
@@ -324,7 +489,7 @@ impl Tracker {
         if let Some(tracked) = self.sockets.get_mut(&accepted.socket)
             && !tracked.is_closed()
         {
-            tracked.owner = Some(accepted.owner);
+            tracked.owner = Some(self.owners.share(accepted.owner));
         }
     }
 
@@ -340,24 +505,30 @@ impl Tracker {
             }
             // A socket opened before we started, about to be reset or time out.
             // Its addresses arrive with its final transition.
-            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+            let unknown = Address::from(SocketAddr::from(([0, 0, 0, 0], 0)));
             let placeholder = Tracked {
-                history: History::default(),
                 state: reset.state,
+                role: None,
+                states: StatePath::default(),
+                last_change_ns: 0,
+                last_change: None,
                 opened_ns: None,
                 netns: 0,
                 cookie: reset.cookie,
                 local: unknown,
                 remote: unknown,
                 owner: self.preexisting_owners.remove(&reset.cookie),
+                end: None,
             };
             self.insert(reset.socket, placeholder, decided);
         }
-        if let Some(tracked) = self.sockets.get_mut(&reset.socket)
-            && tracked.history.resets.len() < MAX_RESETS
-        {
+        if let Some(tracked) = self.sockets.get_mut(&reset.socket) {
             let after_close = tracked.is_closed();
-            tracked.history.resets.push(ResetSeen {
+            let end = tracked.end.get_or_insert_default();
+            if end.resets.len() >= MAX_RESETS {
+                return;
+            }
+            end.resets.push(ResetSeen {
                 direction: reset.direction,
                 reason: reset.reason,
                 answers_packet: reset.answers_packet,
@@ -378,8 +549,11 @@ impl Tracker {
         }
     }
 
+    /// Tracks a socket not tracked yet, making room for it if the table is full.
     fn insert(&mut self, socket: SocketId, tracked: Tracked, decided: &mut Vec<ClosedConnection>) {
-        if let Some((_, evicted)) = self.sockets.push(socket, tracked) {
+        if self.sockets.len() >= self.capacity.get()
+            && let Some((_, evicted)) = self.sockets.pop_lru()
+        {
             if evicted.is_closed() {
                 // Its window is cut short, but F and the RSTs of its own call are in.
                 decided.extend(finish(evicted));
@@ -387,35 +561,41 @@ impl Tracker {
                 self.stats.evicted += 1;
             }
         }
+        self.sockets.put(socket, tracked);
     }
 }
 
 /// Classifies a closed socket; listeners yield nothing.
-fn finish(tracked: Tracked) -> Option<ClosedConnection> {
-    let close = tracked.history.close?;
-    let verdict = match classify::classify(&tracked.history) {
+fn finish(mut tracked: Tracked) -> Option<ClosedConnection> {
+    let states = states_visited(&tracked);
+    let last_change = tracked.last_change();
+    let end = *tracked.end.take()?;
+    let close = end.close?;
+    let history =
+        History { role: tracked.role, last_change, close: Some(close), resets: end.resets };
+    let verdict = match classify::classify(&history) {
         Outcome::Connection(verdict) => verdict,
         Outcome::Listener | Outcome::Open => return None,
     };
-    let role = tracked.history.role.unwrap_or(Role::Unknown);
-    let port = service_port(role, tracked.local, tracked.remote);
-    let states = states_visited(&tracked);
+    let role = tracked.role.unwrap_or(Role::Unknown);
+    let (local, remote) = (tracked.local.into(), tracked.remote.into());
+    let port = service_port(role, local, remote);
     Some(ClosedConnection {
         closed_at_ns: close.timestamp_ns,
         netns: tracked.netns,
         cookie: tracked.cookie,
-        local: tracked.local,
-        remote: tracked.remote,
+        local,
+        remote,
         role,
         verdict,
         port,
         states,
-        opened_ns: tracked.opened_ns,
-        duration_ns: tracked.opened_ns.map(|opened| close.timestamp_ns.saturating_sub(opened)),
-        owner: tracked.owner,
+        opened_ns: tracked.opened_ns(),
+        duration_ns: tracked.opened_ns().map(|opened| close.timestamp_ns.saturating_sub(opened)),
+        owner: tracked.owner.as_deref().copied(),
         previous_state: close.previous,
         snapshot: close.snapshot,
-        resets: tracked.history.resets,
+        resets: history.resets,
     })
 }
 
@@ -435,22 +615,10 @@ pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
 
 /// The states a socket went through, first to current.
 fn states_visited(tracked: &Tracked) -> Vec<TcpState> {
-    let mut states = Vec::with_capacity(tracked.history.transitions.len() + 1);
-    for (index, transition) in tracked.history.transitions.iter().enumerate() {
-        // A socket born while we watched starts in its first new state (a client was
-        // never meaningfully "close", a child never "listen"); one opened before we
-        // started starts where we first saw it.
-        if index == 0 && tracked.opened_ns.is_none() {
-            states.push(transition.old);
-        }
-        if states.last() != Some(&transition.new) {
-            states.push(transition.new);
-        }
+    match tracked.states.to_vec() {
+        states if states.is_empty() => vec![tracked.state],
+        states => states,
     }
-    if states.is_empty() {
-        states.push(tracked.state);
-    }
-    states
 }
 
 #[cfg(test)]
@@ -592,6 +760,49 @@ mod tests {
         assert_eq!(t.len(), 4);
         assert_eq!(t.stats().evicted, 96);
         assert_eq!(t.live().count(), 4);
+    }
+
+    #[test]
+    fn a_long_path_keeps_its_first_states_and_the_current_one() {
+        use TcpState::*;
+        let mut path = StatePath::default();
+        for _ in 0..20 {
+            path.push(Established);
+            path.push(CloseWait);
+        }
+        path.push(CloseWait);
+        path.push(Close);
+        let states = path.to_vec();
+        assert_eq!(states.len(), StatePath::CAPACITY as usize);
+        assert_eq!(states[..3], [Established, CloseWait, Established]);
+        assert_eq!(states.last(), Some(&Close));
+        for state in TcpState::ALL {
+            let mut path = StatePath::default();
+            path.push(state);
+            assert_eq!(path.to_vec(), vec![state]);
+        }
+    }
+
+    #[test]
+    fn addresses_survive_their_compact_form() {
+        for text in ["10.0.0.1:40000", "0.0.0.0:0", "[::ffff:10.0.0.1]:443", "[2001:db8::1]:80"] {
+            let address: SocketAddr = text.parse().unwrap();
+            assert_eq!(SocketAddr::from(Address::from(address)), address);
+        }
+    }
+
+    #[test]
+    fn sockets_of_one_process_share_its_owner_and_unowned_ones_are_swept() {
+        let mut owners = Owners::default();
+        let process = |pid| Process { pid, tid: pid, comm: "curl".into(), cgroup_id: 0 };
+        let first = owners.share(process(1));
+        assert!(Arc::ptr_eq(&first, &owners.share(process(1))));
+        for pid in 2..=Owners::MIN_SWEEP as u32 + 1 {
+            owners.share(process(pid));
+        }
+        // Only the owner still referred to survives the sweep, besides the newest.
+        assert_eq!(owners.shared.len(), 2);
+        assert!(Arc::ptr_eq(&first, &owners.share(process(1))));
     }
 
     #[test]

@@ -294,16 +294,14 @@ proptest! {
     /// The classifier is total: any history yields an outcome.
     #[test]
     fn classifier_is_total(
-        transitions in prop::collection::vec((any_state(), any_state(), any::<u64>()), 0..20),
+        last_change in prop::option::of((any_state(), any_state(), any::<u64>())),
         close in prop::option::of((any_state(), any::<u64>(), any_snapshot())),
         resets in prop::collection::vec((any::<bool>(), any_reason(), any::<bool>(), any::<bool>()), 0..6),
     ) {
         let history = History {
             role: None,
-            transitions: transitions
-                .into_iter()
-                .map(|(old, new, timestamp_ns)| classify::Transition { old, new, timestamp_ns })
-                .collect(),
+            last_change: last_change
+                .map(|(old, new, timestamp_ns)| classify::Transition { old, new, timestamp_ns }),
             close: close.map(|(previous, timestamp_ns, snapshot)| classify::Close {
                 previous,
                 timestamp_ns,
