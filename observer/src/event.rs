@@ -166,27 +166,25 @@ pub struct Decoder {
 /// Evidence words of a [`CloseEvent`].
 type Evidence = [u64; SockField::COUNT - SockField::IDENTITY];
 
-/// The socket's head as the program copied it, byte-addressable, with 8 zero bytes of
-/// slack so a field near its end can be read as a whole word.
-struct Head([u8; SOCK_COMMON_BYTES + 8]);
+/// The socket's head as the program copied it: 8-byte words in the kernel's (little-
+/// endian) byte order, read at any byte offset without copying; beyond its end reads 0.
+struct Head<'a>(&'a [u64; SOCK_COMMON_BYTES / 8]);
 
-impl Head {
-    fn new(words: &[u64; SOCK_COMMON_BYTES / 8]) -> Self {
-        let mut bytes = [0; SOCK_COMMON_BYTES + 8];
-        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
+impl Head<'_> {
+    fn word(&self, offset: usize) -> u64 {
+        let (index, shift) = (offset / 8, (offset % 8) as u32 * 8);
+        let low = self.0.get(index).copied().unwrap_or(0);
+        if shift == 0 {
+            return low;
         }
-        Self(bytes)
-    }
-
-    fn word(&self, offset: u8) -> u64 {
-        let start = usize::from(offset).min(SOCK_COMMON_BYTES);
-        u64::from_ne_bytes(self.0[start..start + 8].try_into().expect("8 bytes"))
+        let high = self.0.get(index + 1).copied().unwrap_or(0);
+        (low >> shift) | (high << (64 - shift))
     }
 
     fn ipv6(&self, offset: u8) -> Ipv6Addr {
-        let start = usize::from(offset).min(SOCK_COMMON_BYTES - 16);
-        Ipv6Addr::from(<[u8; 16]>::try_from(&self.0[start..start + 16]).expect("16 bytes"))
+        let offset = usize::from(offset);
+        let high = u128::from(self.word(offset + 8)) << 64;
+        Ipv6Addr::from((high | u128::from(self.word(offset))).to_le_bytes())
     }
 }
 
@@ -229,20 +227,14 @@ impl Decoder {
         }
     }
 
-    /// The raw word of `field`: from the head, the identity words, or the evidence
-    /// (0 before the final transition).
-    fn word(
-        &self,
-        head: &Head,
-        raw: &StateEvent,
-        evidence: Option<&Evidence>,
-        field: SockField,
-    ) -> u64 {
+    /// The raw word holding `field`: from the head or the identity words, or for the
+    /// evidence fields from `evidence`.
+    fn word(&self, head: &Head, raw: &StateEvent, evidence: &Evidence, field: SockField) -> u64 {
         let index = field as usize;
         match self.fields[index].common_offset {
-            Some(offset) => head.word(offset),
+            Some(offset) => head.word(usize::from(offset)),
             None if index < SockField::IDENTITY => raw.identity[index],
-            None => evidence.map_or(0, |words| words[index - SockField::IDENTITY]),
+            None => evidence[index - SockField::IDENTITY],
         }
     }
 
@@ -251,18 +243,16 @@ impl Decoder {
         raw: &StateEvent,
         evidence: Option<&Evidence>,
     ) -> Result<StateChange, DecodeError> {
-        let head = Head::new(&raw.common);
-        let field =
-            |f: SockField| self.fields[f as usize].unsigned(self.word(&head, raw, evidence, f));
-        let signed =
-            |f: SockField| self.fields[f as usize].signed(self.word(&head, raw, evidence, f));
-        let family = field(SockField::Family);
+        let head = Head(&raw.common);
+        let identity =
+            |f: SockField| self.fields[f as usize].unsigned(self.word(&head, raw, &[0; _], f));
+        let family = identity(SockField::Family);
         // Ports are stored in network order except skc_num; inet_sport survives unhash.
-        let local_port = match u16::from_be(field(SockField::SourcePort) as u16) {
-            0 => field(SockField::LocalPort) as u16,
+        let local_port = match u16::from_be(identity(SockField::SourcePort) as u16) {
+            0 => identity(SockField::LocalPort) as u16,
             port => port,
         };
-        let remote_port = u16::from_be(field(SockField::DestinationPort) as u16);
+        let remote_port = u16::from_be(identity(SockField::DestinationPort) as u16);
         let (local_ip, remote_ip) = if family == AF_INET6 {
             let (local, remote) = self
                 .v6_addresses
@@ -272,12 +262,10 @@ impl Decoder {
             (IpAddr::V6(local), IpAddr::V6(remote))
         } else if family == AF_INET || family == 0 {
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
-            (v4(field(SockField::SourceAddr4)), v4(field(SockField::DestinationAddr4)))
+            (v4(identity(SockField::SourceAddr4)), v4(identity(SockField::DestinationAddr4)))
         } else {
             return Err(DecodeError::UnknownFamily { family });
         };
-        let receive_next = field(SockField::ReceiveNext) as u32;
-        let copied = field(SockField::CopiedSeq) as u32;
         Ok(StateChange {
             timestamp_ns: raw.header.timestamp_ns,
             socket: raw.header.skaddr,
@@ -287,27 +275,40 @@ impl Decoder {
             new: TcpState::from_kernel(raw.new_state),
             local: SocketAddr::new(local_ip, local_port),
             remote: SocketAddr::new(remote_ip, remote_port),
-            snapshot: Snapshot {
-                sk_err: signed(SockField::Err) as i32,
-                sk_err_soft: signed(SockField::ErrSoft) as i32,
-                shutdown: field(SockField::Shutdown) as u8,
-                flags: SockFlags::from_kernel(field(SockField::Flags)),
-                linger_time: signed(SockField::LingerTime),
-                has_socket: field(SockField::Socket) != 0,
-                linger2: signed(SockField::Linger2) as i32,
-                retransmits: field(SockField::Retransmits) as u8,
-                probes_out: field(SockField::ProbesOut) as u8,
-                user_timeout_ms: field(SockField::UserTimeout) as u32,
-                send_window: field(SockField::SendWindow) as u32,
-                packets_out: field(SockField::PacketsOut) as u32,
-                unread_bytes: receive_next.wrapping_sub(copied),
-                bytes_acked: field(SockField::BytesAcked),
-                bytes_received: field(SockField::BytesReceived),
-                total_retrans: field(SockField::TotalRetrans) as u32,
-                srtt_us: (field(SockField::SrttUs) as u32) >> 3,
-            },
+            // Only the final transition carries evidence.
+            snapshot: evidence
+                .map(|evidence| self.snapshot(&head, raw, evidence))
+                .unwrap_or_default(),
             owner: Process::from_kernel(&raw.owner),
         })
+    }
+
+    fn snapshot(&self, head: &Head, raw: &StateEvent, evidence: &Evidence) -> Snapshot {
+        let field =
+            |f: SockField| self.fields[f as usize].unsigned(self.word(head, raw, evidence, f));
+        let signed =
+            |f: SockField| self.fields[f as usize].signed(self.word(head, raw, evidence, f));
+        let receive_next = field(SockField::ReceiveNext) as u32;
+        let copied = field(SockField::CopiedSeq) as u32;
+        Snapshot {
+            sk_err: signed(SockField::Err) as i32,
+            sk_err_soft: signed(SockField::ErrSoft) as i32,
+            shutdown: field(SockField::Shutdown) as u8,
+            flags: SockFlags::from_kernel(field(SockField::Flags)),
+            linger_time: signed(SockField::LingerTime),
+            has_socket: field(SockField::Socket) != 0,
+            linger2: signed(SockField::Linger2) as i32,
+            retransmits: field(SockField::Retransmits) as u8,
+            probes_out: field(SockField::ProbesOut) as u8,
+            user_timeout_ms: field(SockField::UserTimeout) as u32,
+            send_window: field(SockField::SendWindow) as u32,
+            packets_out: field(SockField::PacketsOut) as u32,
+            unread_bytes: receive_next.wrapping_sub(copied),
+            bytes_acked: field(SockField::BytesAcked),
+            bytes_received: field(SockField::BytesReceived),
+            total_retrans: field(SockField::TotalRetrans) as u32,
+            srtt_us: (field(SockField::SrttUs) as u32) >> 3,
+        }
     }
 
     fn reset(&self, raw: &ResetEvent, direction: ResetDirection) -> Reset {
