@@ -89,9 +89,15 @@ pub struct HitKey {
 /// Hits nest at most two deep (a system call's transition interrupted by a softirq's);
 /// the rest is room for entries left by the rare hit nested in a standby run.
 const RECORDED_DEPTH: usize = 8;
-/// Entries older than this many jiffies are leftovers, never a pending hit: between a
-/// primary's run and its standby's there is at most one softirq run (a few jiffies).
-const RECORDED_MAX_AGE_JIFFIES: u64 = 64;
+/// Entries older than this many jiffies (1 s at HZ=1000, 10 s at HZ=100) are leftovers
+/// of hits nested in a standby run, never a pending hit. Between a primary's run and its
+/// standby's there is at most one softirq run, a few jiffies — but a virtual CPU the host
+/// does not run for a while (seen under emulation: a 256 ms limit let one hit through
+/// twice in a 6.1 guest) comes back with jiffies far ahead. An entry taken for a leftover
+/// too early makes a duplicate; a leftover kept too long can only be matched by the
+/// same socket making the same transition while the primary is skipped — a loss, and
+/// counted.
+const RECORDED_MAX_AGE_JIFFIES: u64 = 1024;
 
 /// Per CPU: when a record of this CPU last woke the daemon ([`wakeup_flags`]).
 #[map]
