@@ -162,7 +162,8 @@ impl Metrics {
             Opts::new(
                 "observer_tcp_socket_oldest_age_seconds",
                 "Time the oldest socket of each namespace and state has been in that state \
-                 (since the daemon first saw it there, for sockets older than the daemon).",
+                 (since the daemon first saw it there, for sockets older than the daemon; \
+                 for TIME_WAIT, from the kernel's timewait timer).",
             ),
             &["netns", "state"],
         )
@@ -486,6 +487,7 @@ mod tests {
             cookie,
             inode: 0,
             stats: None,
+            time_wait_left: None,
         };
         let namespace = NamespaceSockets {
             netns: 7,

@@ -2,7 +2,11 @@
 //! TIME_WAIT included, and sockets older than the daemon included (a restarted daemon
 //! still sees an old CLOSE_WAIT leak).
 
-use std::{collections::BTreeMap, net::TcpStream, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
 
 use crate::{
     daemon::{Daemon, wait_until},
@@ -100,6 +104,8 @@ fn state_counts_match_ss_per_namespace_also_after_a_restart() {
     let settled =
         wait_until(Duration::from_secs(10), || ss_counts(&pair.client) == expected_client);
     assert!(settled, "client sockets did not settle: {:?}", ss_counts(&pair.client));
+    // The TIME_WAIT sockets are at least this old from here on.
+    let time_wait_since = Instant::now();
 
     let first = Daemon::start("inventory-1", &[]);
     assert_counts_match_ss(&first, &pair);
@@ -109,7 +115,21 @@ fn state_counts_match_ss_per_namespace_also_after_a_restart() {
     first.stop();
 
     // Sockets older than the daemon are counted by the next one from its start.
+    let second_started = Instant::now();
     let second = Daemon::start("inventory-2", &[]);
+    // TIME_WAIT ages are the kernel's (its timewait timer), not first-seen times: they
+    // reach back before this daemon started, by the first daemon's whole life.
+    let time_wait_age = second.metric_sum(
+        "observer_tcp_socket_oldest_age_seconds",
+        &[("netns", &pair.client.inode().to_string()), ("state", "time_wait")],
+    );
+    let before_start = second_started.duration_since(time_wait_since).as_secs_f64();
+    assert!(
+        // 50 ms: the kernel counts in jiffies.
+        time_wait_age >= before_start - 0.05 && time_wait_age <= 60.0,
+        "oldest TIME_WAIT age {time_wait_age} s, yet the sockets were in TIME_WAIT {before_start} \
+         s before this daemon started"
+    );
     assert_counts_match_ss(&second, &pair);
     let server_netns = pair.server.inode().to_string();
     let oldest = format!(
