@@ -29,7 +29,8 @@ use crate::{
     tracker::{ClosedConnection, Tracker, service_port},
 };
 
-/// A scrape or a `/connections` request reuses a socket inventory this recent.
+/// A scrape or a `/connections` request reuses a socket inventory this recent (or
+/// more, on hosts where listing the sockets takes long: [`crate::inventory::reuse_time`]).
 pub const INVENTORY_FRESHNESS: Duration = Duration::from_secs(1);
 
 /// The most recent verdicts, for `/connections`, each numbered in order (`seq`) so a
@@ -122,7 +123,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Brings the live socket counts up to date (at most [`INVENTORY_FRESHNESS`] old).
+    /// Brings the live socket counts up to date (see [`INVENTORY_FRESHNESS`]).
     async fn refresh_inventory(&self) {
         let inventory = Arc::clone(&self.inventory);
         let summary =

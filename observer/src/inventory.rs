@@ -224,6 +224,8 @@ pub struct Inventory {
 #[derive(Default)]
 struct State {
     taken_at: Option<Instant>,
+    /// How long the latest listing took.
+    took: Duration,
     latest: Arc<Summary>,
     /// netns → socket cookie → when the socket was first seen in its state. Updated in
     /// place (not rebuilt) at each refresh: there may be hundreds of thousands of sockets.
@@ -269,17 +271,29 @@ impl Default for Inventory {
     }
 }
 
+/// A listing is reused for at least this many times as long as it took.
+const COST_LIMIT: u32 = 20;
+
+/// How long a listing that took `took` is reused at least: listing every socket of a
+/// host costs ~0.3 µs per socket and namespace (the kernel walks all its sockets for each
+/// namespace), so with millions of them scrapes would otherwise keep a core busy. This
+/// keeps the inventory under 1/[`COST_LIMIT`] of a core, whatever the host holds.
+pub fn reuse_time(took: Duration) -> Duration {
+    took * COST_LIMIT
+}
+
 impl Inventory {
     pub fn new() -> Self {
         Self { started: Instant::now(), state: Mutex::new(State::default()) }
     }
 
-    /// The latest summary, taken anew if it is older than `max_age` (blocking: call
-    /// from a blocking thread). Sockets are counted as the kernel lists them, never kept
-    /// all at once.
+    /// The latest summary, taken anew if it is older than `max_age` and than its
+    /// [`reuse_time`] (blocking: call from a blocking thread). Sockets are counted as the
+    /// kernel lists them, never kept all at once.
     pub fn refresh(&self, max_age: Duration) -> Arc<Summary> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.taken_at.is_some_and(|at| at.elapsed() < max_age) {
+        let reuse_for = max_age.max(reuse_time(state.took));
+        if state.taken_at.is_some_and(|at| at.elapsed() < reuse_for) {
             return Arc::clone(&state.latest);
         }
         let now = Instant::now();
@@ -323,6 +337,19 @@ impl Inventory {
         });
         state.latest = Arc::new(Summary { namespaces, failures });
         state.taken_at = Some(now);
+        state.took = now.elapsed();
+        log::debug!(
+            "socket inventory: {} sockets in {} namespaces listed in {:?}",
+            state
+                .latest
+                .namespaces
+                .iter()
+                .flat_map(|n| n.states.values())
+                .map(|s| s.0)
+                .sum::<u64>(),
+            state.latest.namespaces.len(),
+            state.took
+        );
         crate::release_freed_heap();
         Arc::clone(&state.latest)
     }
@@ -621,6 +648,20 @@ mod tests {
         assert_eq!(time_wait_left(&message), None);
         message[2] = 3;
         assert_eq!(time_wait_left(&message[..40]), None, "a truncated message");
+    }
+
+    #[test]
+    fn a_listing_is_reused_in_proportion_to_its_cost() {
+        assert_eq!(reuse_time(Duration::from_millis(2)), Duration::from_millis(40));
+        assert_eq!(reuse_time(Duration::from_millis(100)), Duration::from_secs(2));
+        let inventory = Inventory::new();
+        let started = Instant::now();
+        let first = inventory.refresh(Duration::ZERO);
+        let took = inventory.state.lock().unwrap().took;
+        assert!(took > Duration::ZERO);
+        // Asked again at once with no age allowed: reused, unless its reuse time passed.
+        let second = inventory.refresh(Duration::ZERO);
+        assert!(Arc::ptr_eq(&first, &second) || started.elapsed() >= reuse_time(took));
     }
 
     #[test]
