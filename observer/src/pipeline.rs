@@ -24,6 +24,8 @@ use crate::{
     tracker::{ClosedConnection, Effect, Tracker},
 };
 
+/// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).
+const SETTLE_BATCH: usize = 1024;
 /// Longest sleep without anything to decide (refreshes the lost-event count).
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How often the lost-event count is read from the kernel under load.
@@ -197,7 +199,9 @@ impl<S: Sink> Running<S> {
     fn settle(&mut self, lost: &mut LostEvents, now_ns: u64) {
         let shared = Arc::clone(&self.tracker);
         let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        tracker.expire(now_ns, &mut self.decided);
+        while tracker.expire_at_most(now_ns, &mut self.decided, SETTLE_BATCH) {
+            self.publish();
+        }
         let (stats, tracked) = (tracker.stats(), tracker.len());
         drop(tracker);
         self.publish();

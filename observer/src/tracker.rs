@@ -408,9 +408,26 @@ impl Tracker {
     /// Classifies every closed socket whose evidence window ended at or before `now_ns`
     /// (CLOCK_MONOTONIC). Drain the ring buffer first.
     pub fn expire(&mut self, now_ns: u64, decided: &mut Vec<ClosedConnection>) {
+        self.expire_at_most(now_ns, decided, usize::MAX);
+    }
+
+    /// [`Tracker::expire`], deciding at most `limit` sockets; returns whether more are
+    /// due. When a whole host's connections close at once (a process holding 100 000 of
+    /// them exits), deciding them in batches keeps their verdicts from all being held in
+    /// memory together (~400 bytes each).
+    pub fn expire_at_most(
+        &mut self,
+        now_ns: u64,
+        decided: &mut Vec<ClosedConnection>,
+        limit: usize,
+    ) -> bool {
+        let mut left = limit;
         while let Some(&(deadline, socket)) = self.closing.front() {
             if deadline > now_ns {
-                break;
+                return false;
+            }
+            if left == 0 {
+                return true;
             }
             self.closing.pop_front();
             // Stale entries (already settled by reuse or eviction) are skipped.
@@ -419,8 +436,10 @@ impl Tracker {
                 && let Some(tracked) = self.sockets.pop(&socket)
             {
                 decided.extend(finish(tracked));
+                left -= 1;
             }
         }
+        false
     }
 
     /// Classifies everything already closed, regardless of the window (shutdown).
@@ -748,6 +767,37 @@ mod tests {
         let mut later = Vec::new();
         t.expire(u64::MAX / 2, &mut later);
         assert!(later.is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_closes_is_decided_in_batches() {
+        use TcpState::*;
+        let mut t = tracker(64);
+        for i in 0..10 {
+            let socket = SOCK + i * 4096;
+            feed(
+                &mut t,
+                &[
+                    change(socket, 1, Close, SynSent, Snapshot::default()),
+                    change(socket, 2, SynSent, Established, Snapshot::default()),
+                    change(socket, 3, Established, Close, linger_zero()),
+                ],
+            );
+        }
+        let mut batch = Vec::new();
+        let mut batches = 0;
+        let mut decided = 0;
+        loop {
+            let more = t.expire_at_most(3_000_000 + EVIDENCE_WINDOW_NS, &mut batch, 3);
+            assert!(batch.len() <= 3, "a batch of {}", batch.len());
+            decided += batch.drain(..).count();
+            batches += 1;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!((decided, batches), (10, 4));
+        assert!(t.is_empty());
     }
 
     #[test]
