@@ -25,7 +25,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
             bpf_get_socket_cookie, bpf_probe_read_kernel,
@@ -70,34 +70,31 @@ pub struct RecordedHits {
     /// Pushes minus pops; the slot of entry `top - 1` is `(top - 1) % RECORDED_DEPTH`.
     top: u64,
     keys: [HitKey; RECORDED_DEPTH],
-    /// `jiffies` when each entry was pushed.
-    pushed_at: [u64; RECORDED_DEPTH],
 }
 
-/// What tells two hits nested on one CPU apart: the socket, and a second argument.
+/// What tells one hit from every other: the socket's address, its cookie, and a third
+/// argument (the transition, or the RST's skb).
 ///
-/// Kept as two words rather than mixed into one: the verifier forbids arithmetic on the
-/// typed pointers a BTF tracepoint receives, but lets a privileged program store and
-/// compare them.
+/// The cookie is there because the address is not enough: a freed socket's memory is
+/// soon another socket's, which may make the same transition, and an entry a skipped
+/// standby left behind (see [`as_standby`]) would then be taken for the new socket's
+/// pending hit. Kept as separate words rather than mixed into one: the verifier forbids
+/// arithmetic on the typed pointers a BTF tracepoint receives, but lets a privileged
+/// program store and compare them.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HitKey {
     sk: u64,
+    cookie: u64,
     detail: u64,
 }
 
 /// Hits nest at most two deep (a system call's transition interrupted by a softirq's);
-/// the rest is room for entries left by the rare hit nested in a standby run.
+/// the rest is room for entries left behind: hits nested in a standby run after it
+/// popped (their own standby is skipped), and hits of the moment between a primary's
+/// attachment and its standby's. Such leftovers are never matched again, since no other
+/// hit has their key, and are overwritten as the stack wraps around.
 const RECORDED_DEPTH: usize = 8;
-/// Entries older than this many jiffies (1 s at HZ=1000, 10 s at HZ=100) are leftovers
-/// of hits nested in a standby run, never a pending hit. Between a primary's run and its
-/// standby's there is at most one softirq run, a few jiffies — but a virtual CPU the host
-/// does not run for a while (seen under emulation: a 256 ms limit let one hit through
-/// twice in a 6.1 guest) comes back with jiffies far ahead. An entry taken for a leftover
-/// too early makes a duplicate; a leftover kept too long can only be matched by the
-/// same socket making the same transition while the primary is skipped — a loss, and
-/// counted.
-const RECORDED_MAX_AGE_JIFFIES: u64 = 1024;
 
 /// Per CPU: when a record of this CPU last woke the daemon ([`wakeup_flags`]).
 #[map]
@@ -138,13 +135,17 @@ const TCP_LISTEN: i32 = 10;
 #[inline(always)]
 fn as_primary(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
     if let Some(hits) = RECORDED.get_ptr_mut(tracepoint) {
-        // SAFETY: per-CPU slot; a hit nested here finds the stack consistent, since it is
-        // written before `top` moves, and leaves it as it found it.
+        // SAFETY: per-CPU slot. The key is written before `top` moves, so a hit nested
+        // here never sees a half-written entry; on kernels that run a program nested in
+        // itself (5.10), a hit nested between the two writes pushes to the same slot and
+        // pops it again, so the slot is checked once `top` has moved past it.
         unsafe {
             let slot = ((*hits).top as usize) % RECORDED_DEPTH;
             (*hits).keys[slot] = key;
-            (*hits).pushed_at[slot] = bpf_jiffies64();
             (*hits).top = (*hits).top.wrapping_add(1);
+            if (*hits).keys[slot] != key {
+                (*hits).keys[slot] = key;
+            }
         }
     }
     record();
@@ -158,15 +159,10 @@ fn as_standby(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
         // A hit nested in this run pushes above `top`; popping to below it drops that
         // entry too, which its skipped standby would have popped.
         let top = (*hits).top;
-        let now = bpf_jiffies64();
         let mut depth = 1u64;
         while depth <= RECORDED_DEPTH as u64 && depth <= top {
             let slot = ((top - depth) as usize) % RECORDED_DEPTH;
-            if now.wrapping_sub((*hits).pushed_at[slot]) > RECORDED_MAX_AGE_JIFFIES {
-                break; // this entry and all below it are older leftovers
-            }
-            let pushed = &(*hits).keys[slot];
-            if pushed.sk == key.sk && pushed.detail == key.detail {
+            if (*hits).keys[slot] == key {
                 (*hits).top = top - depth;
                 return;
             }
@@ -181,44 +177,73 @@ fn as_standby(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
 }
 
 /// Defines a tracepoint's primary program and its standby twin, both recording with
-/// `$record(ctx, config)` once the daemon has configured the object; `$key(ctx)`
+/// `$record(ctx, config, key)` once the daemon has configured the object; `$key(ctx)`
 /// identifies a hit.
 macro_rules! primary_and_standby {
     ($tracepoint:tt, $slot:expr, $key:ident, $record:ident, $primary:ident, $standby:ident) => {
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $primary(ctx: BtfTracePointContext) -> i32 {
-            as_primary($slot, $key(&ctx), || configured(|config| $record(&ctx, config)));
+            let key = $key(&ctx);
+            as_primary($slot, key, || configured(|config| $record(&ctx, config, &key)));
             0
         }
 
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $standby(ctx: BtfTracePointContext) -> i32 {
-            as_standby($slot, $key(&ctx), || configured(|config| $record(&ctx, config)));
+            let key = $key(&ctx);
+            as_standby($slot, key, || configured(|config| $record(&ctx, config, &key)));
             0
         }
     };
 }
 
-// Hit keys: the arguments that tell two hits nested on one CPU apart.
+// Hit keys: the arguments that tell two hits nested on one CPU apart (see [`HitKey`]).
 
-/// (sk, oldstate, newstate).
+/// (sk, its cookie, oldstate and newstate); the cookie is made here if the socket has
+/// none yet, so the record reuses it.
 #[inline(always)]
 fn state_hit(ctx: &BtfTracePointContext) -> HitKey {
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    HitKey { sk: sk as u64, cookie, detail: transition_word(ctx) }
+}
+
+/// For kernels before 5.12 (no cookie helper in tracing programs), which also run a
+/// program nested in itself: there the standby's own hit is always on top, and a
+/// leftover never needs telling apart.
+#[inline(always)]
+fn state_hit_without_cookie(ctx: &BtfTracePointContext) -> HitKey {
+    HitKey { sk: ctx.arg(0), cookie: 0, detail: transition_word(ctx) }
+}
+
+#[inline(always)]
+fn transition_word(ctx: &BtfTracePointContext) -> u64 {
     let old_state: u64 = ctx.arg(1);
     let new_state: u64 = ctx.arg(2);
-    HitKey { sk: ctx.arg(0), detail: (old_state & 0xff) | ((new_state & 0xff) << 8) }
+    (old_state & 0xff) | ((new_state & 0xff) << 8)
 }
 
-/// (sk, skb): every RST sent is its own skb.
+/// (sk, its cookie, skb): every RST sent is its own skb. The cookie is read from the
+/// socket (0 if none was made, or with no socket).
 #[inline(always)]
 fn sent_reset_hit(ctx: &BtfTracePointContext) -> HitKey {
-    HitKey { sk: ctx.arg(0), detail: ctx.arg(1) }
+    let sk = arg_value(ctx, 0);
+    HitKey { sk, cookie: cookie_field(sk), detail: ctx.arg(1) }
 }
 
-/// (sk): a socket handles one received RST at a time.
+/// (sk, its cookie): a socket handles one received RST at a time.
 #[inline(always)]
 fn received_reset_hit(ctx: &BtfTracePointContext) -> HitKey {
-    HitKey { sk: ctx.arg(0), detail: 0 }
+    let sk = arg_value(ctx, 0);
+    HitKey { sk, cookie: cookie_field(sk), detail: 0 }
+}
+
+/// The socket's cookie as stored in it: 0 if none was made yet, or `sk` is 0.
+#[inline(always)]
+fn cookie_field(sk: u64) -> u64 {
+    let config = CONFIG.load();
+    if config.valid == 0 { 0 } else { read_pointer(sk, config.cookie) }
 }
 
 primary_and_standby!(
@@ -233,7 +258,7 @@ primary_and_standby!(
 primary_and_standby!(
     "inet_sock_set_state",
     STATE,
-    state_hit,
+    state_hit_without_cookie,
     state_without_cookie,
     inet_sock_set_state_no_cookie,
     inet_sock_set_state_no_cookie_standby
@@ -265,23 +290,20 @@ fn configured(record: impl FnOnce(&ProgramConfig)) {
     }
 }
 
+/// TP_PROTO(const struct sock *sk, const int oldstate, const int newstate); the cookie
+/// was made for the hit's key.
 #[inline(always)]
-fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
-    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
-    let sk: *mut c_void = ctx.arg(0);
-    if is_tcp_protocol(config, sk as u64) {
-        // SAFETY: `sk` is the tracepoint's own socket argument, as the helper requires.
-        let cookie = unsafe { bpf_get_socket_cookie(sk) };
-        record_state(ctx, config, sk as u64, Some(cookie));
+fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
+    if is_tcp_protocol(config, hit.sk) {
+        record_state(ctx, config, hit.sk, Some(hit.cookie));
     }
 }
 
 /// The cookie read from the socket: 0 unless something generated it.
 #[inline(always)]
-fn state_without_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig) {
-    let sk: *mut c_void = ctx.arg(0);
-    if is_tcp_protocol(config, sk as u64) {
-        record_state(ctx, config, sk as u64, None);
+fn state_without_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
+    if is_tcp_protocol(config, hit.sk) {
+        record_state(ctx, config, hit.sk, None);
     }
 }
 
@@ -482,7 +504,7 @@ fn read_pointer(base: u64, offset: u32) -> u64 {
 }
 
 #[inline(always)]
-fn reset_sent(ctx: &BtfTracePointContext, config: &ProgramConfig) {
+fn reset_sent(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb
     //          [, const enum sk_rst_reason reason])   -- reason since 6.10
     let reason = match config.send_reset_reason_arg {
@@ -490,31 +512,31 @@ fn reset_sent(ctx: &BtfTracePointContext, config: &ProgramConfig) {
         index => arg_value(ctx, index as usize) as u32,
     };
     let answers_packet = arg_value(ctx, 1) != 0;
-    record_reset(ctx, config, EventKind::ResetSent, reason, answers_packet);
+    record_reset(ctx, config, hit, EventKind::ResetSent, reason, answers_packet);
 }
 
 #[inline(always)]
-fn reset_received(ctx: &BtfTracePointContext, config: &ProgramConfig) {
+fn reset_received(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
     // TP_PROTO(struct sock *sk)
-    record_reset(ctx, config, EventKind::ResetReceived, NO_REASON, false);
+    record_reset(ctx, config, hit, EventKind::ResetReceived, NO_REASON, false);
 }
 
 #[inline(always)]
 fn record_reset(
     ctx: &BtfTracePointContext,
     config: &ProgramConfig,
+    hit: &HitKey,
     kind: EventKind,
     reason: u32,
     answers_packet: bool,
 ) {
-    let skaddr = arg_value(ctx, 0);
+    let skaddr = hit.sk;
     if skaddr == 0 || !in_followed_netns(config, skaddr) {
         // An RST answering a packet that matched no socket: no connection of ours.
         return;
     }
-    let cookie = read_pointer(skaddr, config.cookie);
     let event = ResetEvent {
-        header: header(kind, skaddr, cookie),
+        header: header(kind, skaddr, hit.cookie),
         state: read_u8(skaddr, config.state),
         reason,
         answers_packet: answers_packet as u32,

@@ -21,6 +21,9 @@ use nix::{
 
 use crate::net::Namespace;
 
+/// What the child writes before the text of its panic, instead of a ready byte.
+const PANICKED: u8 = b'!';
+
 /// The child's end of the conversation.
 pub struct Cue {
     from_test: File,
@@ -64,6 +67,12 @@ impl Actor {
                 unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
                 let mut cue =
                     Cue { from_test: File::from(child_reads), to_test: File::from(child_writes) };
+                // The child's stderr is the test harness's capture buffer, copied by fork
+                // and never printed: send the panic (with its location) to the test.
+                let report = cue.to_test.try_clone().expect("dup");
+                std::panic::set_hook(Box::new(move |info| {
+                    let _ = (&report).write_all(format!("{}{info}", PANICKED as char).as_bytes());
+                }));
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     namespace.enter(|| script(&mut cue));
                 }));
@@ -82,12 +91,18 @@ impl Actor {
         }
     }
 
-    /// Waits for the script's next [`Cue::ready`].
+    /// Waits for the script's next [`Cue::ready`]; panics with the script's own panic
+    /// if it failed instead.
     pub fn until_ready(&mut self) {
         let mut byte = [0u8];
-        self.from_child
-            .read_exact(&mut byte)
-            .unwrap_or_else(|error| panic!("{} ended early ({error})", self.name));
+        if let Err(error) = self.from_child.read_exact(&mut byte) {
+            panic!("{} ended early ({error})", self.name);
+        }
+        if byte[0] == PANICKED {
+            let mut report = String::new();
+            let _ = self.from_child.read_to_string(&mut report);
+            panic!("{} failed: {report}", self.name);
+        }
     }
 
     /// Lets the script past its next [`Cue::wait`].
@@ -96,8 +111,16 @@ impl Actor {
     }
 
     /// Waits for the script to finish; panics if it failed.
-    pub fn join(self) {
+    pub fn join(mut self) {
         let status = waitpid(Pid::from_raw(self.pid as i32), None).expect("waitpid");
-        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{} failed: {status:?}", self.name);
+        if !matches!(status, WaitStatus::Exited(_, 0)) {
+            let mut report = String::new();
+            let _ = self.from_child.read_to_string(&mut report);
+            panic!(
+                "{} failed ({status:?}): {}",
+                self.name,
+                report.trim_start_matches(PANICKED as char)
+            );
+        }
     }
 }

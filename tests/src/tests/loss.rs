@@ -29,6 +29,22 @@ fn lost(daemon: &Daemon, reason: Option<&str>) -> f64 {
     }
 }
 
+/// What a daemon counted, by kind, for a failure message.
+fn breakdown(daemon: &Daemon) -> String {
+    let mut lines: Vec<String> = daemon
+        .metrics()
+        .into_iter()
+        .filter(|(key, _)| {
+            ["observer_events", "observer_tcp_transitions_total", "observer_tcp_resets_total"]
+                .iter()
+                .any(|name| key.starts_with(name))
+        })
+        .map(|(key, value)| format!("{key} {value}"))
+        .collect();
+    lines.sort();
+    lines.join(", ")
+}
+
 /// Events produced in the client namespace are known exactly: the namespace is new, both
 /// daemons only record that namespace (`--debug.only-netns`), and every connection makes
 /// the same five transitions there. A reference daemon with the default ring confirms the
@@ -68,7 +84,9 @@ fn tiny_ring_accounts_for_every_event() {
     assert_eq!(
         tiny_seen + ring_full + nested + malformed,
         produced,
-        "seen + lost must equal produced\n{}",
+        "seen + lost must equal produced\nreference now: {}\ntiny now: {}\n{}",
+        breakdown(&reference),
+        breakdown(&tiny),
         tiny.log_tail()
     );
 
