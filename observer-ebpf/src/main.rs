@@ -18,8 +18,16 @@
 //! it is also reported through aya-log, so the daemon's log says when and what.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use core::{ffi::c_void, mem::MaybeUninit, ptr::addr_of_mut};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::MaybeUninit,
+    ptr::addr_of_mut,
+};
 
 use aya_ebpf::{
     EbpfContext as _, Global,
@@ -124,8 +132,8 @@ const TCP_LISTEN: i32 = 10;
 // kernel never skips both programs of one hit: nested in a primary run, only the primary
 // is skipped; nested in a standby run, only the standby.
 //
-// The primary pushes the hit's key (its arguments) on RECORDED before recording it; the
-// standby looks for its hit's key. Found: the primary ran — pop it and whatever lies
+// The primary pushes the hit's key (its arguments and the socket's cookie, [`HitKey`])
+// on RECORDED before recording it; the standby looks for its hit's key. Found: the primary ran — pop it and whatever lies
 // above it (hits nested in this standby run, whose own standby was skipped). Not found:
 // the primary was skipped for this hit — record it. No window depends on where inside
 // the programs an interrupt lands, unlike a flag the primary sets and clears, which
@@ -320,8 +328,15 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
     }
     if new_state != TCP_CLOSE {
         let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-            count_lost();
-            warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
+            if let Some(lost) = count_lost() {
+                warn!(
+                    ctx,
+                    "ring buffer full: transition {} -> {} lost ({} on this CPU)",
+                    old_state,
+                    new_state,
+                    lost
+                );
+            }
             return;
         };
         let event: *mut StateEvent = entry.as_mut_ptr();
@@ -331,8 +346,15 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) else {
-        count_lost();
-        warn!(ctx, "ring buffer full: transition {} -> {} lost", old_state, new_state);
+        if let Some(lost) = count_lost() {
+            warn!(
+                ctx,
+                "ring buffer full: transition {} -> {} lost ({} on this CPU)",
+                old_state,
+                new_state,
+                lost
+            );
+        }
         return;
     };
     let event: *mut CloseEvent = entry.as_mut_ptr();
@@ -476,8 +498,9 @@ fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
     }
     let cookie = read_pointer(sk, config.cookie);
     let Some(mut entry) = EVENTS.reserve::<OwnerEvent>(0) else {
-        count_lost();
-        warn!(ctx, "ring buffer full: owner of an accepted socket lost");
+        if let Some(lost) = count_lost() {
+            warn!(ctx, "ring buffer full: owner of an accepted socket lost ({} on this CPU)", lost);
+        }
         return;
     };
     let event: *mut OwnerEvent = entry.as_mut_ptr();
@@ -542,9 +565,10 @@ fn record_reset(
         answers_packet: answers_packet as u32,
         _pad: 0,
     };
-    if EVENTS.output::<ResetEvent>(&event, wakeup_flags(event.header.timestamp_ns)).is_err() {
-        count_lost();
-        warn!(ctx, "ring buffer full: reset lost");
+    if EVENTS.output::<ResetEvent>(&event, wakeup_flags(event.header.timestamp_ns)).is_err()
+        && let Some(lost) = count_lost()
+    {
+        warn!(ctx, "ring buffer full: reset lost ({} on this CPU)", lost);
     }
 }
 
@@ -687,12 +711,23 @@ fn wakeup_flags(now_ns: u64) -> u64 {
     }
 }
 
+/// Counts a record the ring buffer had no room for. Returns this CPU's count when it
+/// reaches a power of two, the losses worth a log line: a line for every one would have
+/// the daemon, in the very storm that fills the ring, format and write log lines instead
+/// of draining it (the daemon itself logs the total as it grows).
 #[inline(always)]
-fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(LOST_RING_FULL) {
-        // SAFETY: per-CPU slot; programs do not nest on one CPU for this map's users.
-        unsafe { *lost += 1 };
-    }
+fn count_lost() -> Option<u64> {
+    let lost = LOST.get_ptr_mut(LOST_RING_FULL)?;
+    // SAFETY: a per-CPU slot, but programs do nest on one CPU (a standby run inside a
+    // primary's): the add is atomic so neither increment is lost, as the daemon's exact
+    // count needs. Its result is unused, which keeps it the plain atomic add every
+    // kernel's verifier accepts (fetching needs 5.12); the read after it is only for
+    // the log line.
+    let count = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(lost, 1);
+        *lost
+    };
+    count.is_power_of_two().then_some(count)
 }
 
 #[cfg(not(test))]

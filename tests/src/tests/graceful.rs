@@ -52,7 +52,8 @@ fn passive_close() {
 /// its delayed-ACK timer (40 ms) sends a bare ACK. Both ends are closed from this thread,
 /// back to back (veth delivers the client's FIN within its close()), which wins the race
 /// on real hardware; under emulation a slow run can lose it. The server's segment count
-/// says which happened — one segment (FIN+ACK) or two (ACK, then FIN) — and the verdict
+/// (retransmissions aside) says which happened — one segment (FIN+ACK) or two (ACK,
+/// then FIN) — and the verdict
 /// must match it every time; the scenario is repeated until a three-way close happened.
 #[test]
 fn three_way_close() {
@@ -67,11 +68,16 @@ fn three_way_close() {
         let client_verdict = daemon().verdict(&pair.client);
         assert_verdict(&daemon().verdict(&pair.server), "server", "fin", "passive");
         assert_verdict(&client_verdict, "client", "fin", "active");
-        let server_segments = server_mib.before.delta(&pair.server.counters(), "TcpOutSegs");
+        // Retransmissions do not count: under emulation the client's last ACK can come
+        // after the server's retransmission timer, and a three-way close then shows as
+        // two segments (seen in the 6.1 guest).
+        let after = pair.server.counters();
+        let server_segments = server_mib.before.delta(&after, "TcpOutSegs")
+            - server_mib.before.delta(&after, "TcpRetransSegs");
         let expected = match server_segments {
             1 => "three_way",
             2 => "fin_wait2",
-            other => panic!("the server sent {other} segments to close"),
+            other => panic!("the server sent {other} segments (not retransmitted) to close"),
         };
         assert_eq!(client_verdict.detail.as_deref(), Some(expected), "attempt {attempt}");
         if expected == "three_way" {
