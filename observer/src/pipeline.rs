@@ -119,10 +119,10 @@ impl<S: Sink> Pipeline<S> {
                 // Records still coming without wake-ups: look again one interval later.
                 follow_up = (drained > 0).then_some(now + FOLLOW_UP_NS);
             }
-            state.settle(&mut lost, now);
+            state.settle(ring.get_mut(), &mut lost, now);
         }
         state.drain(ring.get_mut());
-        state.settle(&mut lost, u64::MAX);
+        state.settle(ring.get_mut(), &mut lost, u64::MAX);
         Ok(())
     }
 }
@@ -195,13 +195,25 @@ impl<S: Sink> Running<S> {
         self.publish();
     }
 
-    /// Decides every socket whose evidence window ended by `now_ns`.
-    fn settle(&mut self, lost: &mut LostEvents, now_ns: u64) {
+    /// Decides every socket whose evidence window ended by `now_ns`, a batch at a time,
+    /// draining the ring between batches: a mass close has tens of thousands to decide,
+    /// and the ring would fill meanwhile. (Records drained in between cannot change a
+    /// window that ended by `now_ns`: every record reserved before then is already in.)
+    fn settle(&mut self, ring: &mut RingBuf<MapData>, lost: &mut LostEvents, now_ns: u64) {
         let shared = Arc::clone(&self.tracker);
-        let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        while tracker.expire_at_most(now_ns, &mut self.decided, SETTLE_BATCH) {
+        loop {
+            let more = shared.lock().unwrap_or_else(PoisonError::into_inner).expire_at_most(
+                now_ns,
+                &mut self.decided,
+                SETTLE_BATCH,
+            );
             self.publish();
+            if !more {
+                break;
+            }
+            self.drain(ring);
         }
+        let tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
         let (stats, tracked) = (tracker.stats(), tracker.len());
         drop(tracker);
         self.publish();
