@@ -15,8 +15,12 @@ use std::{
 };
 
 use nix::{
-    sys::wait::{WaitStatus, waitpid},
-    unistd::{ForkResult, Pid, fork, pipe},
+    fcntl::OFlag,
+    sys::{
+        signal::{Signal, kill},
+        wait::{WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, fork, pipe2},
 };
 
 use crate::net::Namespace;
@@ -48,6 +52,8 @@ pub struct Actor {
     to_child: File,
     from_child: File,
     name: String,
+    /// Set by [`Actor::join`]; otherwise dropping the actor kills and reaps the child.
+    reaped: bool,
 }
 
 impl Actor {
@@ -55,16 +61,22 @@ impl Actor {
     /// `script`.
     pub fn spawn(name: &str, namespace: &Namespace, script: impl FnOnce(&mut Cue)) -> Actor {
         assert!(name.len() <= 15, "comm holds 15 bytes");
-        let (child_reads, test_writes) = pipe().expect("pipe");
-        let (test_reads, child_writes) = pipe().expect("pipe");
+        // Close-on-exec: a program another test starts meanwhile must not hold a copy of
+        // the child's end, or the test would not see the end of a child that died.
+        let (child_reads, test_writes) = pipe2(OFlag::O_CLOEXEC).expect("pipe");
+        let (test_reads, child_writes) = pipe2(OFlag::O_CLOEXEC).expect("pipe");
         let comm = std::ffi::CString::new(name).expect("name");
         // SAFETY: the child only runs the script and exits; glibc keeps malloc usable
         // after fork, and the script makes plain system calls.
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => {
                 drop((test_writes, test_reads));
-                // SAFETY: PR_SET_NAME with a NUL-terminated string.
-                unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
+                // SAFETY: PR_SET_NAME with a NUL-terminated string; PR_SET_PDEATHSIG with a
+                // signal number (a backstop for a test process that dies outright).
+                unsafe {
+                    libc::prctl(libc::PR_SET_NAME, comm.as_ptr());
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
                 let mut cue =
                     Cue { from_test: File::from(child_reads), to_test: File::from(child_writes) };
                 // The child's stderr is the test harness's capture buffer, copied by fork
@@ -86,6 +98,7 @@ impl Actor {
                     to_child: File::from(test_writes),
                     from_child: File::from(test_reads),
                     name: name.to_string(),
+                    reaped: false,
                 }
             }
         }
@@ -113,6 +126,7 @@ impl Actor {
     /// Waits for the script to finish; panics if it failed.
     pub fn join(mut self) {
         let status = waitpid(Pid::from_raw(self.pid as i32), None).expect("waitpid");
+        self.reaped = true;
         if !matches!(status, WaitStatus::Exited(_, 0)) {
             let mut report = String::new();
             let _ = self.from_child.read_to_string(&mut report);
@@ -121,6 +135,18 @@ impl Actor {
                 self.name,
                 report.trim_start_matches(PANICKED as char)
             );
+        }
+    }
+}
+
+/// A test that fails midway must not leave its actors waiting for a cue forever: they
+/// would hold the harness's output pipe (and whatever else it inherited) open.
+impl Drop for Actor {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let pid = Pid::from_raw(self.pid as i32);
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
         }
     }
 }
