@@ -328,15 +328,7 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
     }
     if new_state != TCP_CLOSE {
         let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-            if let Some(lost) = count_lost() {
-                warn!(
-                    ctx,
-                    "ring buffer full: transition {} -> {} lost ({} on this CPU)",
-                    old_state,
-                    new_state,
-                    lost
-                );
-            }
+            transition_lost(ctx, transition);
             return;
         };
         let event: *mut StateEvent = entry.as_mut_ptr();
@@ -346,15 +338,7 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) else {
-        if let Some(lost) = count_lost() {
-            warn!(
-                ctx,
-                "ring buffer full: transition {} -> {} lost ({} on this CPU)",
-                old_state,
-                new_state,
-                lost
-            );
-        }
+        transition_lost(ctx, transition);
         return;
     };
     let event: *mut CloseEvent = entry.as_mut_ptr();
@@ -372,6 +356,20 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
         }
     }
     entry.submit(wakeup_flags(now));
+}
+
+/// Counts a transition the ring buffer had no room for (see [`count_lost`]).
+#[inline(always)]
+fn transition_lost(ctx: &BtfTracePointContext, (old_state, new_state): (u32, u32)) {
+    if let Some(lost) = count_lost() {
+        warn!(
+            ctx,
+            "ring buffer full: transition {} -> {} lost ({} on this CPU)",
+            old_state,
+            new_state,
+            lost
+        );
+    }
 }
 
 /// Fills every field of `event`; returns its timestamp.
