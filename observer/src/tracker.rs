@@ -199,7 +199,10 @@ impl From<Address> for SocketAddr {
 /// The owners of tracked sockets, each stored once however many sockets it owns.
 #[derive(Default)]
 struct Owners {
-    shared: HashSet<Arc<Process>>,
+    /// foldhash: looked up for every connect(), listen(), accept() and close(), where
+    /// std's SipHash showed in profiles. Randomly seeded per daemon as std's is; the
+    /// keys are this host's processes, not remote input.
+    shared: HashSet<Arc<Process>, foldhash::fast::RandomState>,
     /// Size of `shared` after the last sweep of owners no socket refers to any more.
     after_sweep: usize,
 }
