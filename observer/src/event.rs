@@ -38,6 +38,15 @@ pub enum SocketEvent {
 }
 
 impl SocketEvent {
+    /// When the kernel recorded it (CLOCK_MONOTONIC nanoseconds).
+    pub fn timestamp_ns(&self) -> u64 {
+        match self {
+            SocketEvent::State(change) => change.timestamp_ns,
+            SocketEvent::Reset(reset) => reset.timestamp_ns,
+            SocketEvent::Accepted(accepted) => accepted.timestamp_ns,
+        }
+    }
+
     pub fn socket(&self) -> SocketId {
         match self {
             SocketEvent::State(change) => change.socket,

@@ -26,6 +26,14 @@ use crate::{
 
 /// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).
 const SETTLE_BATCH: usize = 1024;
+/// A drain that goes on this many records (producers keep up with it: a mass close)
+/// also decides what is due, so closed sockets do not pile up until the ring is empty.
+const SETTLE_DURING_DRAIN_EVERY: usize = 4096;
+/// How long after its reservation in the ring a record's timestamp may be taken, at
+/// most: the programs read the clock microseconds after reserving, and this leaves room
+/// for interrupts in between. Mid-drain, every record reserved before the newest
+/// timestamp seen minus this is known to be drained (the ring is in reservation order).
+const RESERVED_BEFORE_TIMESTAMP_NS: u64 = 100_000_000;
 /// Longest sleep without anything to decide (refreshes the lost-event count).
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How often the lost-event count is read from the kernel under load.
@@ -166,16 +174,28 @@ impl<S: Sink> Running<S> {
         let shared = Arc::clone(&self.tracker);
         let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
         let mut records = 0;
+        let mut newest_ns = 0;
         while let Some(record) = ring.next() {
             records += 1;
             let event = self.decoder.decode(&record);
             drop(record);
             match event {
-                Ok(event) => self.ingest(&mut tracker, &event),
+                Ok(event) => {
+                    newest_ns = newest_ns.max(event.timestamp_ns());
+                    self.ingest(&mut tracker, &event);
+                }
                 Err(error) => {
                     log::warn!("dropping ring buffer record: {error}");
                     self.metrics.record_malformed();
                 }
+            }
+            if records % SETTLE_DURING_DRAIN_EVERY == 0 {
+                // Windows that ended before the ring's drained part have their evidence.
+                let drained_until = newest_ns.saturating_sub(RESERVED_BEFORE_TIMESTAMP_NS);
+                while tracker.expire_at_most(drained_until, &mut self.decided, SETTLE_BATCH) {
+                    self.publish();
+                }
+                self.publish();
             }
         }
         drop(tracker);

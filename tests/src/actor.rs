@@ -109,7 +109,11 @@ impl Actor {
     pub fn until_ready(&mut self) {
         let mut byte = [0u8];
         if let Err(error) = self.from_child.read_exact(&mut byte) {
-            panic!("{} ended early ({error})", self.name);
+            // No panic report: the child died of a signal or exited outside the script.
+            // Its status says which.
+            let status = waitpid(Pid::from_raw(self.pid as i32), None);
+            self.reaped = status.is_ok();
+            panic!("{} ended early ({error}; {status:?})", self.name);
         }
         if byte[0] == PANICKED {
             let mut report = String::new();
