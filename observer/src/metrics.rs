@@ -52,6 +52,10 @@ pub struct CloseLabels {
 /// class follows from the cause; a port of `None` is "other").
 type CloseKey = (Cause, Role, Option<u16>);
 
+/// For the per-verdict lookups below (std's SipHash showed in profiles); seeded per
+/// daemon, and their keys are bounded label values.
+type FastHash = foldhash::fast::RandomState;
+
 pub struct Metrics {
     registry: Registry,
     closes: IntCounterVec,
@@ -59,7 +63,7 @@ pub struct Metrics {
     /// Children of `closes` already looked up (without the optional labels): the label
     /// lookup hashes and allocates, and a verdict storm makes hundreds of thousands a
     /// second. Bounded by causes × roles × (`--metrics.max-ports` + 1).
-    close_counters: Mutex<HashMap<CloseKey, IntCounter>>,
+    close_counters: Mutex<HashMap<CloseKey, IntCounter, FastHash>>,
     transitions: IntCounterVec,
     /// Children of `transitions`, created on first use (so only transitions that happen
     /// are exported), then reused for every event.
@@ -72,7 +76,7 @@ pub struct Metrics {
     duration_by_class: [prometheus::Histogram; Class::ALL.len()],
     resets: IntCounterVec,
     /// Children of `resets` already looked up, by direction and reason label.
-    reset_counters: Mutex<HashMap<(ResetDirection, &'static str), IntCounter>>,
+    reset_counters: Mutex<HashMap<(ResetDirection, &'static str), IntCounter, FastHash>>,
     events: IntCounter,
     lost: IntCounterVec,
     malformed: IntCounter,
@@ -255,7 +259,7 @@ impl Metrics {
             registry,
             closes,
             close_labels,
-            close_counters: Mutex::new(HashMap::new()),
+            close_counters: Mutex::new(HashMap::default()),
             transitions,
             transition_counters: Default::default(),
             sockets,
@@ -265,7 +269,7 @@ impl Metrics {
             close_wait_ages: Mutex::new(None),
             duration_by_class,
             resets,
-            reset_counters: Mutex::new(HashMap::new()),
+            reset_counters: Mutex::new(HashMap::default()),
             events,
             lost,
             malformed,

@@ -156,7 +156,8 @@ pub struct Cgroup {
 /// before we looked it up stays unresolved rather than costing a walk per event.
 pub struct CgroupNames {
     root: Option<PathBuf>,
-    known: HashMap<u64, Cgroup>,
+    /// foldhash: resolved for every owner an event carries (SipHash showed in profiles).
+    known: HashMap<u64, Cgroup, foldhash::fast::RandomState>,
     scanned_at: Option<Instant>,
 }
 
@@ -172,7 +173,7 @@ impl Default for CgroupNames {
 
 impl CgroupNames {
     pub fn new() -> Self {
-        Self { root: cgroup2_root(), known: HashMap::new(), scanned_at: None }
+        Self { root: cgroup2_root(), known: HashMap::default(), scanned_at: None }
     }
 
     pub fn resolve(&mut self, id: u64) -> Option<Cgroup> {
