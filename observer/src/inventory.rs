@@ -615,7 +615,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let local = client.local_addr().unwrap();
+        let (local, remote) = (client.local_addr().unwrap(), listener.local_addr().unwrap());
         // The client closes first, so it is the one left in TIME_WAIT.
         drop(client);
         drop(server);
@@ -623,7 +623,13 @@ mod tests {
         let found = loop {
             let mut found = None;
             dump_tcp_sockets(Detail::StatesOnly, |socket| {
-                if socket.local == local && socket.state == TcpState::TimeWait {
+                // The whole 4-tuple: an older TIME_WAIT socket of another connection
+                // from the same local port (host namespace, any earlier test's traffic)
+                // has less time left.
+                if socket.local == local
+                    && socket.remote == remote
+                    && socket.state == TcpState::TimeWait
+                {
                     found = Some(socket);
                 }
             })
@@ -635,7 +641,10 @@ mod tests {
             }
         };
         let left = found.time_wait_left.expect("a timewait timer");
-        assert!(left <= TIME_WAIT_LENGTH && left > TIME_WAIT_LENGTH - Duration::from_secs(10));
+        assert!(
+            left <= TIME_WAIT_LENGTH && left > TIME_WAIT_LENGTH - Duration::from_secs(10),
+            "{left:?} left on the timewait timer of {local} -> {remote}"
+        );
     }
 
     #[test]
