@@ -35,9 +35,14 @@ fn breakdown(daemon: &Daemon) -> String {
         .metrics()
         .into_iter()
         .filter(|(key, _)| {
-            ["observer_events", "observer_tcp_transitions_total", "observer_tcp_resets_total"]
-                .iter()
-                .any(|name| key.starts_with(name))
+            [
+                "observer_events",
+                "observer_tcp_transitions_total",
+                "observer_tcp_resets_total",
+                "observer_tracker",
+            ]
+            .iter()
+            .any(|name| key.starts_with(name))
         })
         .map(|(key, value)| format!("{key} {value}"))
         .collect();
@@ -67,7 +72,8 @@ fn tiny_ring_accounts_for_every_event() {
     assert_eq!(
         (seen(&reference), lost(&reference, None)),
         (produced, 0.0),
-        "the reference daemon must see every transition"
+        "the reference daemon must see every transition\nreference: {}",
+        breakdown(&reference)
     );
     settled(&tiny);
     let (tiny_seen, ring_full, nested, malformed) = (
