@@ -159,12 +159,15 @@ fn as_primary(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
         // here never sees a half-written entry; on kernels that run a program nested in
         // itself (5.10), a hit nested between the two writes pushes to the same slot and
         // pops it again, so the slot is checked once `top` has moved past it.
+        // The accesses are volatile: to the compiler nothing else writes this memory, so
+        // it dropped the check after the plain stores (and could reorder them).
         unsafe {
-            let slot = ((*hits).top as usize) % RECORDED_DEPTH;
-            (*hits).keys[slot] = key;
-            (*hits).top = (*hits).top.wrapping_add(1);
-            if (*hits).keys[slot] != key {
-                (*hits).keys[slot] = key;
+            let top = addr_of_mut!((*hits).top);
+            let slot = addr_of_mut!((*hits).keys[(top.read_volatile() as usize) % RECORDED_DEPTH]);
+            slot.write_volatile(key);
+            top.write_volatile(top.read_volatile().wrapping_add(1));
+            if slot.read_volatile() != key {
+                slot.write_volatile(key);
             }
         }
     }

@@ -72,8 +72,9 @@ fn tiny_ring_accounts_for_every_event() {
     assert_eq!(
         (seen(&reference), lost(&reference, None)),
         (produced, 0.0),
-        "the reference daemon must see every transition\nreference: {}",
-        breakdown(&reference)
+        "the reference daemon must see every transition\nreference: {}\n{}",
+        breakdown(&reference),
+        reference.log_tail()
     );
     settled(&tiny);
     let (tiny_seen, ring_full, nested, malformed) = (
