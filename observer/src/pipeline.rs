@@ -192,10 +192,7 @@ impl<S: Sink> Running<S> {
             if records % SETTLE_DURING_DRAIN_EVERY == 0 {
                 // Windows that ended before the ring's drained part have their evidence.
                 let drained_until = newest_ns.saturating_sub(RESERVED_BEFORE_TIMESTAMP_NS);
-                while tracker.expire_at_most(drained_until, &mut self.decided, SETTLE_BATCH) {
-                    self.publish();
-                }
-                self.publish();
+                while self.decide_batch(&mut tracker, drained_until) {}
             }
         }
         drop(tracker);
@@ -222,12 +219,9 @@ impl<S: Sink> Running<S> {
     fn settle(&mut self, ring: &mut RingBuf<MapData>, lost: &mut LostEvents, now_ns: u64) {
         let shared = Arc::clone(&self.tracker);
         loop {
-            let more = shared.lock().unwrap_or_else(PoisonError::into_inner).expire_at_most(
-                now_ns,
-                &mut self.decided,
-                SETTLE_BATCH,
-            );
-            self.publish();
+            let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let more = self.decide_batch(&mut tracker, now_ns);
+            drop(tracker);
             if !more {
                 break;
             }
@@ -249,6 +243,14 @@ impl<S: Sink> Running<S> {
             self.metrics.set_lost(ring_full, skipped);
             self.metrics.set_tracker(stats, tracked);
         }
+    }
+
+    /// Decides up to [`SETTLE_BATCH`] sockets whose window ended by `until_ns` and hands
+    /// their verdicts on; returns whether more are due.
+    fn decide_batch(&mut self, tracker: &mut Tracker, until_ns: u64) -> bool {
+        let more = tracker.expire_at_most(until_ns, &mut self.decided, SETTLE_BATCH);
+        self.publish();
+        more
     }
 
     fn publish(&mut self) {
