@@ -98,11 +98,20 @@ pub struct HitKey {
 }
 
 /// Hits nest at most two deep (a system call's transition interrupted by a softirq's);
-/// the rest is room for entries left behind: hits nested in a standby run after it
-/// popped (their own standby is skipped), and hits of the moment between a primary's
-/// attachment and its standby's. Such leftovers are never matched again, since no other
-/// hit has their key, and are overwritten as the stack wraps around.
-const RECORDED_DEPTH: usize = 8;
+/// the rest is room for entries left behind: hits nested in a standby run (their own
+/// standby is skipped), and hits of the moment between a primary's attachment and its
+/// standby's. Such leftovers are never matched again, since no other hit has their key,
+/// and are overwritten as the stack wraps around.
+///
+/// The depth is for one case: a softirq that interrupts a standby run before it reads
+/// `top` pushes a leftover for every transition it makes, all above the interrupted
+/// hit's own entry. With 8 slots, one NAPI poll's worth of packets wrapped the stack
+/// over that entry, and the standby recorded its hit a second time (traced in the 6.1
+/// guest). The standby now reads `top` first thing, so only a softirq landing in the
+/// kernel's few instructions before the program (and the map lookup) can do this, and
+/// it would need more transitions than this in that one softirq run. The cost is only
+/// in the standby's search when its hit is not there — the rare nested case.
+const RECORDED_DEPTH: usize = 256;
 
 /// Per CPU: when a record of this CPU last woke the daemon, and how many records it has
 /// written since ([`wakeup_flags`]).
@@ -175,13 +184,18 @@ fn as_primary(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
 }
 
 #[inline(always)]
-fn as_standby(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
+fn as_standby(tracepoint: u32, key: impl FnOnce() -> HitKey, record: impl FnOnce(&HitKey)) {
     let Some(hits) = RECORDED.get_ptr_mut(tracepoint) else { return };
     // SAFETY: per-CPU slot (see `as_primary`).
+    let top = unsafe { addr_of_mut!((*hits).top).read_volatile() };
+    // `top` is read before anything else this run does (the key's cookie is a helper
+    // call): a hit nested in this run pushes at or above the `top` read here, and never
+    // reaches the primary's entry below it.
+    let key = key();
+    // SAFETY: as above.
     unsafe {
         // A hit nested in this run pushes above `top`; popping to below it drops that
         // entry too, which its skipped standby would have popped.
-        let top = (*hits).top;
         let mut depth = 1u64;
         while depth <= RECORDED_DEPTH as u64 && depth <= top {
             let slot = ((top - depth) as usize) % RECORDED_DEPTH;
@@ -192,7 +206,7 @@ fn as_standby(tracepoint: u32, key: HitKey, record: impl FnOnce()) {
             depth += 1;
         }
     }
-    record();
+    record(&key);
     if let Some(handled) = LOST.get_ptr_mut(HANDLED_BY_STANDBY + tracepoint) {
         // SAFETY: per-CPU slot of this program.
         unsafe { *handled += 1 };
@@ -213,8 +227,7 @@ macro_rules! primary_and_standby {
 
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $standby(ctx: BtfTracePointContext) -> i32 {
-            let key = $key(&ctx);
-            as_standby($slot, key, || configured(|config| $record(&ctx, config, &key)));
+            as_standby($slot, || $key(&ctx), |key| configured(|config| $record(&ctx, config, key)));
             0
         }
     };
