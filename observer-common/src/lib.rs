@@ -71,10 +71,12 @@ impl EventKind {
 /// [`StateEvent::common`] are decoded from there instead (their offset is [`ABSENT`] in
 /// [`ProgramConfig::sock_fields`], so the programs skip them).
 ///
-/// Each is read as 8 raw bytes starting at the byte that holds the field; the daemon
-/// extracts the field (shift, width, sign) using the same BTF description it used to
-/// compute the offset. `tcp_sock` and `inet_connection_sock` embed `struct sock` at offset
-/// 0, so every offset is relative to the socket pointer the tracepoint hands us.
+/// Each is read with one load of its natural width ([`FieldLoad`]: 1, 2, 4 or 8 bytes
+/// starting at the byte that holds the field; bit fields with the bytes that hold them)
+/// and zero-extended to a word; the daemon extracts the field (shift, width, sign) using
+/// the same BTF description it used to compute the load. `tcp_sock` and
+/// `inet_connection_sock` embed `struct sock` at offset 0, so every offset is relative to
+/// the socket pointer the tracepoint hands us.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockField {
@@ -168,6 +170,26 @@ impl SockField {
     ];
 }
 
+/// Where one [`SockField`] lies in the socket and how wide a load reads it.
+///
+/// The state programs read these fields with direct loads through the typed socket
+/// pointer, which the verifier checks against the kernel's BTF: a load must stay inside
+/// the member it starts in (an 8-byte load of a 4-byte `int` is refused) and must cover
+/// a bit field whole. So the width is the member's own, or for a bit field the smallest
+/// of 1, 2, 4, 8 bytes that covers it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FieldLoad {
+    /// Byte offset, or [`ABSENT`] (missing, or copied with [`StateEvent::common`]).
+    pub offset: u32,
+    /// 1, 2, 4 or 8.
+    pub size: u32,
+}
+
+impl FieldLoad {
+    pub const ABSENT: Self = Self { offset: ABSENT, size: 0 };
+}
+
 /// A bit field inside an 8-byte word, as the kernel side must decode `sk_protocol` to
 /// filter on it (a `u16` on 6.x, an 8-bit bitfield on 5.x).
 #[repr(C)]
@@ -183,17 +205,19 @@ pub struct BitField {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramConfig {
-    /// Byte offset of each [`SockField`] the programs read word by word, or [`ABSENT`]
-    /// (missing, or copied with [`StateEvent::common`]).
-    pub sock_fields: [u32; SockField::COUNT],
+    /// How the state programs read each [`SockField`] (the offset is [`ABSENT`] if the
+    /// field is missing, or copied with [`StateEvent::common`]).
+    pub sock_fields: [FieldLoad; SockField::COUNT],
     /// `sock_common.skc_cookie` (read by the reset and accept programs, and by the state
     /// program from [`StateEvent::common`] where `bpf_get_socket_cookie` is missing).
     pub cookie: u32,
-    /// `sock_common.skc_net` (the `struct net *`; inside [`StateEvent::common`], 8-byte
-    /// aligned) and `net.ns.inum` behind it.
+    /// `sock_common.skc_net.net` (the `struct net *`, 8 bytes: inside
+    /// [`StateEvent::common`], and loaded directly by the state programs) and
+    /// `net.ns.inum` behind it (4 bytes).
     pub net: u32,
     pub net_ns_inum: u32,
-    /// `sock.sk_protocol`, to keep only IPPROTO_TCP.
+    /// `sock.sk_protocol`, to keep only IPPROTO_TCP (the accept programs; the state
+    /// programs ask `bpf_skc_to_tcp_sock`, which also types the pointer they load from).
     pub protocol: BitField,
     /// `sock_common.skc_state`: the state of a socket that sends or receives an RST.
     pub state: u32,
@@ -249,7 +273,7 @@ impl TaskConfig {
 
 impl ProgramConfig {
     pub const UNSET: Self = Self {
-        sock_fields: [ABSENT; SockField::COUNT],
+        sock_fields: [FieldLoad::ABSENT; SockField::COUNT],
         cookie: ABSENT,
         net: ABSENT,
         net_ns_inum: ABSENT,
@@ -329,7 +353,7 @@ pub struct StateEvent {
     pub header: EventHeader,
     /// The first [`SOCK_COMMON_BYTES`] of the socket, as 8-byte words.
     pub common: [u64; SOCK_COMMON_BYTES / 8],
-    /// Raw 8-byte words of the identity [`SockField`]s outside `common` (0 elsewhere).
+    /// The identity [`SockField`]s outside `common`, zero-extended (0 elsewhere).
     pub identity: [u64; SockField::IDENTITY],
     pub old_state: u32,
     pub new_state: u32,
@@ -346,7 +370,7 @@ pub struct StateEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseEvent {
     pub state: StateEvent,
-    /// Raw 8-byte words of the other [`SockField`]s, `field - IDENTITY` (0 where the
+    /// The other [`SockField`]s, zero-extended, at `field - IDENTITY` (0 where the
     /// field is [`ABSENT`]).
     pub evidence: [u64; SockField::COUNT - SockField::IDENTITY],
 }
@@ -380,7 +404,7 @@ const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
     align_of::<CloseEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (SockField::COUNT + 3 + 3 + 4));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (2 * SockField::COUNT + 3 + 3 + 4));
 const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]

@@ -13,7 +13,10 @@
 //! programs are skipped silently) — and recorded by a standby twin (see [`as_standby`]).
 //!
 //! Offsets into `struct sock` are not compiled in: the daemon computes them from the
-//! running kernel's BTF and patches [`CONFIG`] before loading. A record that does not fit
+//! running kernel's BTF and patches [`CONFIG`] before loading. The state programs read the
+//! socket with direct loads through the typed pointer `bpf_skc_to_tcp_sock` returns (see
+//! [`load_field`]), which cost a few instructions each where a `bpf_probe_read_kernel`
+//! call costs tens of nanoseconds. A record that does not fit
 //! in the ring buffer is counted in [`LOST`] and exported as `observer_events_lost_total`;
 //! it is also reported through aya-log, so the daemon's log says when and what.
 #![no_std]
@@ -26,7 +29,7 @@ use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering, atomic_xadd},
     mem::MaybeUninit,
-    ptr::addr_of_mut,
+    ptr::{addr_of_mut, read_volatile},
 };
 
 use aya_ebpf::{
@@ -36,7 +39,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
-            bpf_get_socket_cookie, bpf_probe_read_kernel,
+            bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
         },
     },
     macros::{btf_tracepoint, map, tracepoint},
@@ -50,9 +53,26 @@ use observer_common::{
     WAKEUP_INTERVAL_NS,
 };
 
-/// Kernel layout, filled in by the daemon before load (`.rodata`: constant to the verifier).
+/// Kernel layout, filled in by the daemon before load.
+///
+/// In `.rodata`, which the loader freezes: the verifier knows every value loaded from it
+/// as the constant it is, and the direct loads of [`load_field`] need exactly that (an
+/// offset added to a typed pointer must be known). So the state programs read it field
+/// by field where they use a value ([`config!`]), with volatile loads: the compiler must
+/// neither fold in the placeholder it was compiled with nor copy the struct to the stack
+/// first, where a 4-byte value is lost to the verifiers of 5.x kernels.
 #[unsafe(no_mangle)]
-static CONFIG: Global<ProgramConfig> = Global::new(ProgramConfig::UNSET);
+static CONFIG: ProgramConfig = ProgramConfig::UNSET;
+
+/// One field of [`CONFIG`], loaded from `.rodata` at this point of the program.
+macro_rules! config {
+    ($($field:tt)+) => {{
+        // SAFETY: a plain read of a static.
+        #[allow(unused_unsafe)]
+        let value = unsafe { read_volatile(&raw const CONFIG.$($field)+) };
+        value
+    }};
+}
 
 /// How to name a socket's owner, filled in by the daemon before load.
 #[unsafe(no_mangle)]
@@ -214,20 +234,19 @@ fn as_standby(tracepoint: u32, key: impl FnOnce() -> HitKey, record: impl FnOnce
 }
 
 /// Defines a tracepoint's primary program and its standby twin, both recording with
-/// `$record(ctx, config, key)` once the daemon has configured the object; `$key(ctx)`
-/// identifies a hit.
+/// `$record(ctx, key)`; `$key(ctx)` identifies a hit.
 macro_rules! primary_and_standby {
     ($tracepoint:tt, $slot:expr, $key:ident, $record:ident, $primary:ident, $standby:ident) => {
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $primary(ctx: BtfTracePointContext) -> i32 {
             let key = $key(&ctx);
-            as_primary($slot, key, || configured(|config| $record(&ctx, config, &key)));
+            as_primary($slot, key, || $record(&ctx, &key));
             0
         }
 
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $standby(ctx: BtfTracePointContext) -> i32 {
-            as_standby($slot, || $key(&ctx), |key| configured(|config| $record(&ctx, config, key)));
+            as_standby($slot, || $key(&ctx), |key| $record(&ctx, key));
             0
         }
     };
@@ -278,8 +297,7 @@ fn received_reset_hit(ctx: &BtfTracePointContext) -> HitKey {
 /// The socket's cookie as stored in it: 0 if none was made yet, or `sk` is 0.
 #[inline(always)]
 fn cookie_field(sk: u64) -> u64 {
-    let config = CONFIG.load();
-    if config.valid == 0 { 0 } else { read_pointer(sk, config.cookie) }
+    if config!(valid) == 0 { 0 } else { read_pointer(sk, config!(cookie)) }
 }
 
 primary_and_standby!(
@@ -316,44 +334,44 @@ primary_and_standby!(
     tcp_receive_reset_standby
 );
 
-/// Runs `record` with the configuration, read once per event; nothing until the daemon
-/// filled it in.
-#[inline(always)]
-fn configured(record: impl FnOnce(&ProgramConfig)) {
-    let config = CONFIG.load();
-    if config.valid != 0 {
-        record(&config);
-    }
-}
-
 /// TP_PROTO(const struct sock *sk, const int oldstate, const int newstate); the cookie
 /// was made for the hit's key.
 #[inline(always)]
-fn state_with_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
-    if is_tcp_protocol(config, hit.sk) {
-        record_state(ctx, config, hit.sk, Some(hit.cookie));
-    }
+fn state_with_cookie(ctx: &BtfTracePointContext, hit: &HitKey) {
+    record_state(ctx, hit.sk, Some(hit.cookie));
 }
 
 /// The cookie read from the socket: 0 unless something generated it.
 #[inline(always)]
-fn state_without_cookie(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
-    if is_tcp_protocol(config, hit.sk) {
-        record_state(ctx, config, hit.sk, None);
-    }
+fn state_without_cookie(ctx: &BtfTracePointContext, hit: &HitKey) {
+    record_state(ctx, hit.sk, None);
 }
 
-/// Records a transition: a [`StateEvent`], or a [`CloseEvent`] with the evidence words
-/// for the final one. `cookie`: `None` to take it from the socket's own field.
+/// Records a transition of a TCP socket: a [`StateEvent`], or a [`CloseEvent`] with the
+/// evidence words for the final one. `cookie`: `None` to take it from the socket's own
+/// field.
 #[inline(always)]
-fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, cookie: Option<u64>) {
+fn record_state(ctx: &BtfTracePointContext, sk: u64, cookie: Option<u64>) {
+    if config!(valid) == 0 {
+        return;
+    }
+    // SAFETY: `sk` is the tracepoint's own socket argument. The helper returns it typed
+    // as a `tcp_sock` if it is one (full socket, IPPROTO_TCP: not SCTP or MPTCP's own),
+    // NULL otherwise; loads through it are checked against the kernel's BTF.
+    let tcp_sock = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) }.cast::<u8>().cast_const();
+    if tcp_sock.is_null() {
+        return;
+    }
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
     let transition = (old_state as u32, new_state as u32);
+    let netns = socket_netns(tcp_sock);
     // Before reserving: a full ring must count only the followed namespace's losses.
-    if !in_followed_netns(config, sk) {
+    let only_netns = config!(only_netns);
+    if only_netns != 0 && netns != only_netns {
         return;
     }
+    let identity = StateIdentity { sk, tcp_sock, cookie, netns, transition };
     if new_state != TCP_CLOSE {
         let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
             transition_lost(ctx, transition);
@@ -361,7 +379,7 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
         };
         let event: *mut StateEvent = entry.as_mut_ptr();
         // SAFETY: a reserved record of the right size.
-        let now = unsafe { write_state(config, sk, cookie, EventKind::State, transition, event) };
+        let now = unsafe { write_state(&identity, EventKind::State, event) };
         entry.submit(wakeup_flags(now));
         return;
     }
@@ -371,19 +389,75 @@ fn record_state(ctx: &BtfTracePointContext, config: &ProgramConfig, sk: u64, coo
     };
     let event: *mut CloseEvent = entry.as_mut_ptr();
     // SAFETY: a reserved record of the right size; `state` comes first in it.
-    let now = unsafe {
-        write_state(config, sk, cookie, EventKind::Close, transition, addr_of_mut!((*event).state))
-    };
+    let now = unsafe { write_state(&identity, EventKind::Close, addr_of_mut!((*event).state)) };
     // SAFETY: as above; every evidence word is written.
     unsafe {
         let evidence = addr_of_mut!((*event).evidence).cast::<u64>();
         let mut i = SockField::IDENTITY;
         while i < SockField::COUNT {
-            read_word(sk, config.sock_fields[i], evidence.add(i - SockField::IDENTITY));
+            evidence.add(i - SockField::IDENTITY).write(load_field(tcp_sock, i));
             i += 1;
         }
     }
     entry.submit(wakeup_flags(now));
+}
+
+/// What [`write_state`] records a transition of.
+struct StateIdentity {
+    /// The tracepoint's socket argument.
+    sk: u64,
+    /// The same socket, typed by `bpf_skc_to_tcp_sock` for direct loads.
+    tcp_sock: *const u8,
+    /// `None`: read the socket's own cookie field.
+    cookie: Option<u64>,
+    netns: u32,
+    transition: (u32, u32),
+}
+
+/// The [`SockField`] `field` of the socket (typed pointer `tcp_sock`), zero-extended; 0
+/// if this kernel lacks it or it comes with the head instead.
+///
+/// One direct load of the field's own width (1, 2, 4 or 8 bytes, `FieldLoad`). The
+/// verifier checks it against the kernel's BTF and compiles it to a load that reads 0
+/// instead of faulting, as `bpf_probe_read_kernel` would, without the helper call. Its
+/// offset and width are constants to the verifier ([`CONFIG`]), so of the four loads
+/// below it only ever sees the one of the right width.
+#[inline(always)]
+fn load_field(tcp_sock: *const u8, field: usize) -> u64 {
+    let (offset, size) = (config!(sock_fields[field].offset), config!(sock_fields[field].size));
+    if offset == ABSENT {
+        return 0;
+    }
+    let at = tcp_sock.wrapping_add(offset as usize);
+    // SAFETY: a member of the socket, `size` wide (the daemon's BTF lookup).
+    unsafe {
+        match size {
+            1 => read_volatile(at) as u64,
+            2 => read_volatile(at.cast::<u16>()) as u64,
+            4 => read_volatile(at.cast::<u32>()) as u64,
+            8 => read_volatile(at.cast::<u64>()),
+            _ => 0,
+        }
+    }
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum` with two direct loads (see [`load_field`]), or
+/// 0 without CONFIG_NET_NS.
+#[inline(always)]
+fn socket_netns(tcp_sock: *const u8) -> u32 {
+    let (net_offset, inum_offset) = (config!(net), config!(net_ns_inum));
+    if net_offset == ABSENT || inum_offset == ABSENT {
+        return 0;
+    }
+    // SAFETY: the `struct net *` member of the socket (8 bytes, as the daemon checked),
+    // then the 4-byte `inum` of the network namespace it points to.
+    unsafe {
+        let net = read_volatile(tcp_sock.wrapping_add(net_offset as usize).cast::<*const u8>());
+        if net.is_null() {
+            return 0;
+        }
+        read_volatile(net.wrapping_add(inum_offset as usize).cast::<u32>())
+    }
 }
 
 /// Counts a transition the ring buffer had no room for (see [`count_lost`]).
@@ -405,42 +479,31 @@ fn transition_lost(ctx: &BtfTracePointContext, (old_state, new_state): (u32, u32
 /// # Safety
 /// `event` must be valid for writes of a whole [`StateEvent`].
 #[inline(always)]
-unsafe fn write_state(
-    config: &ProgramConfig,
-    sk: u64,
-    cookie: Option<u64>,
-    kind: EventKind,
-    (old_state, new_state): (u32, u32),
-    event: *mut StateEvent,
-) -> u64 {
+unsafe fn write_state(socket: &StateIdentity, kind: EventKind, event: *mut StateEvent) -> u64 {
+    let (old_state, new_state) = socket.transition;
     unsafe {
-        // One copy for addresses, ports, family, namespace and cookie: the helper call
-        // costs more than the bytes (zero-filled if it faults).
+        // One copy for addresses, ports, family and cookie: the head's members are too
+        // many and too mixed in width for direct loads (zero-filled if it faults).
         let common = addr_of_mut!((*event).common);
-        bpf_probe_read_kernel(common.cast(), SOCK_COMMON_BYTES as u32, sk as *const c_void);
-        let net = match config.net {
-            ABSENT => 0,
-            offset => (*common).get(offset as usize / 8).copied().unwrap_or(0),
-        };
-        let netns = net_inode(config, net);
-        let cookie = match (cookie, config.cookie) {
+        bpf_probe_read_kernel(common.cast(), SOCK_COMMON_BYTES as u32, socket.sk as *const c_void);
+        let cookie = match (socket.cookie, config!(cookie)) {
             (Some(cookie), _) => cookie,
             (None, ABSENT) => 0,
             (None, offset) if (offset as usize) < SOCK_COMMON_BYTES => {
                 (*common).get(offset as usize / 8).copied().unwrap_or(0)
             }
-            (None, offset) => read_pointer(sk, offset),
+            (None, offset) => read_pointer(socket.sk, offset),
         };
-        (*event).header = header(kind, sk, cookie);
+        (*event).header = header(kind, socket.sk, cookie);
         let identity = addr_of_mut!((*event).identity).cast::<u64>();
         let mut i = 0;
         while i < SockField::IDENTITY {
-            read_word(sk, config.sock_fields[i], identity.add(i));
+            identity.add(i).write(load_field(socket.tcp_sock, i));
             i += 1;
         }
         (*event).old_state = old_state;
         (*event).new_state = new_state;
-        (*event).netns = netns;
+        (*event).netns = socket.netns;
         (*event)._pad = 0;
         // Any other transition may run in softirq or a timer, on behalf of whichever
         // task happened to be interrupted: its owner would be a lie.
@@ -498,22 +561,22 @@ unsafe fn write_current_owner(owner: *mut Owner) {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    configured(|config| accepted(&ctx, config));
+    accepted(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    configured(|config| accepted(&ctx, config));
+    accepted(&ctx);
     0
 }
 
 /// accept() returned descriptor `ret`: find its socket through the caller's descriptor
 /// table and record who owns it.
 #[inline(always)]
-fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
+fn accepted(ctx: &TracePointContext) {
     let task_config = TASK_CONFIG.load();
-    if task_config.accept_ret == ABSENT {
+    if config!(valid) == 0 || task_config.accept_ret == ABSENT {
         return;
     }
     // SAFETY: `accept_ret` is the offset of `long ret` in this record (tracefs format).
@@ -537,10 +600,10 @@ fn accepted(ctx: &TracePointContext, config: &ProgramConfig) {
         return;
     }
     let sk = read_pointer(socket, walk.socket_sk);
-    if sk == 0 || !is_tcp(config, sk) {
+    if sk == 0 || !is_tcp(sk) {
         return;
     }
-    let cookie = read_pointer(sk, config.cookie);
+    let cookie = read_pointer(sk, config!(cookie));
     let Some(mut entry) = EVENTS.reserve::<OwnerEvent>(0) else {
         if let Some(lost) = count_lost() {
             warn!(ctx, "ring buffer full: owner of an accepted socket lost ({} on this CPU)", lost);
@@ -571,40 +634,39 @@ fn read_pointer(base: u64, offset: u32) -> u64 {
 }
 
 #[inline(always)]
-fn reset_sent(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
+fn reset_sent(ctx: &BtfTracePointContext, hit: &HitKey) {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb
     //          [, const enum sk_rst_reason reason])   -- reason since 6.10
-    let reason = match config.send_reset_reason_arg {
+    let reason = match config!(send_reset_reason_arg) {
         ABSENT => NO_REASON,
         index => arg_value(ctx, index as usize) as u32,
     };
     let answers_packet = arg_value(ctx, 1) != 0;
-    record_reset(ctx, config, hit, EventKind::ResetSent, reason, answers_packet);
+    record_reset(ctx, hit, EventKind::ResetSent, reason, answers_packet);
 }
 
 #[inline(always)]
-fn reset_received(ctx: &BtfTracePointContext, config: &ProgramConfig, hit: &HitKey) {
+fn reset_received(ctx: &BtfTracePointContext, hit: &HitKey) {
     // TP_PROTO(struct sock *sk)
-    record_reset(ctx, config, hit, EventKind::ResetReceived, NO_REASON, false);
+    record_reset(ctx, hit, EventKind::ResetReceived, NO_REASON, false);
 }
 
 #[inline(always)]
 fn record_reset(
     ctx: &BtfTracePointContext,
-    config: &ProgramConfig,
     hit: &HitKey,
     kind: EventKind,
     reason: u32,
     answers_packet: bool,
 ) {
     let skaddr = hit.sk;
-    if skaddr == 0 || !in_followed_netns(config, skaddr) {
+    if config!(valid) == 0 || skaddr == 0 || !in_followed_netns(skaddr) {
         // An RST answering a packet that matched no socket: no connection of ours.
         return;
     }
     let event = ResetEvent {
         header: header(kind, skaddr, hit.cookie),
-        state: read_u8(skaddr, config.state),
+        state: read_u8(skaddr, config!(state)),
         reason,
         answers_packet: answers_packet as u32,
         _pad: 0,
@@ -650,28 +712,30 @@ fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
 /// `sk_protocol == IPPROTO_TCP` (a bit field on some kernels), in the namespace
 /// `--debug.only-netns` follows if set.
 #[inline(always)]
-fn is_tcp(config: &ProgramConfig, sk: u64) -> bool {
-    is_tcp_protocol(config, sk) && in_followed_netns(config, sk)
+fn is_tcp(sk: u64) -> bool {
+    is_tcp_protocol(sk) && in_followed_netns(sk)
 }
 
 #[inline(always)]
-fn is_tcp_protocol(config: &ProgramConfig, sk: u64) -> bool {
+fn is_tcp_protocol(sk: u64) -> bool {
     let mut word = 0u64;
     // SAFETY: fault-tolerant read into a local.
-    unsafe { read_word(sk, config.protocol.offset, &mut word) };
-    ((word >> config.protocol.shift) as u32 & config.protocol.mask) == IPPROTO_TCP
+    unsafe { read_word(sk, config!(protocol.offset), &mut word) };
+    ((word >> config!(protocol.shift)) as u32 & config!(protocol.mask)) == IPPROTO_TCP
 }
 
 /// False only for sockets outside the one namespace `--debug.only-netns` follows.
 #[inline(always)]
-fn in_followed_netns(config: &ProgramConfig, sk: u64) -> bool {
-    config.only_netns == 0 || net_inode(config, read_pointer(sk, config.net)) == config.only_netns
+fn in_followed_netns(sk: u64) -> bool {
+    let only_netns = config!(only_netns);
+    only_netns == 0 || net_inode(read_pointer(sk, config!(net))) == only_netns
 }
 
 /// `net->ns.inum` of the socket's `struct net *`, or 0 without CONFIG_NET_NS.
 #[inline(always)]
-fn net_inode(config: &ProgramConfig, net: u64) -> u32 {
-    if net == 0 || config.net_ns_inum == ABSENT {
+fn net_inode(net: u64) -> u32 {
+    let inum_offset = config!(net_ns_inum);
+    if net == 0 || inum_offset == ABSENT {
         return 0;
     }
     let mut inum = MaybeUninit::<u32>::zeroed();
@@ -680,7 +744,7 @@ fn net_inode(config: &ProgramConfig, net: u64) -> u32 {
         bpf_probe_read_kernel(
             inum.as_mut_ptr().cast(),
             4,
-            (net + config.net_ns_inum as u64) as *const c_void,
+            (net + inum_offset as u64) as *const c_void,
         )
     };
     // SAFETY: zero-initialised, and the helper zeroes it again on failure.

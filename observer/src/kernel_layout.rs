@@ -3,9 +3,9 @@
 //! Rust eBPF cannot emit CO-RE relocations, and `struct sock` moves between kernels
 //! (`sk_err` is at byte 284 on 6.12 and 544 on 6.1; `sk_protocol` is a bit field on 5.x).
 //! So at startup we look every field up by name in `/sys/kernel/btf/vmlinux` and hand the
-//! byte offsets to the programs ([`ProgramConfig`]); the programs copy the 8 bytes at each
-//! offset (or, for the fields in the socket's head, the whole head at once) and
-//! [`FieldDecoder`] extracts the field (shift, width, sign) in userspace.
+//! byte offsets and load widths to the programs ([`ProgramConfig`]); the programs load
+//! each field at its own width (or, for the fields in the socket's head, copy the whole
+//! head at once) and [`FieldDecoder`] extracts the field (shift, width, sign) in userspace.
 //!
 //! The tracepoints' argument lists come from BTF too (`btf_trace_<name>` prototypes):
 //! `tcp_send_reset` gained its `reason` argument in 6.10.
@@ -14,7 +14,7 @@ use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
 use observer_common::{
-    ABSENT, BitField, FdWalk, ProgramConfig, SOCK_COMMON_BYTES, SockField, TaskConfig,
+    ABSENT, BitField, FdWalk, FieldLoad, ProgramConfig, SOCK_COMMON_BYTES, SockField, TaskConfig,
 };
 
 use crate::{error::Error, tcp::ResetReason};
@@ -25,7 +25,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Tracepoints observer attaches to (as tp_btf programs of the same name).
 pub const TRACEPOINTS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
 
-/// How to extract one field from the 8 raw bytes the program copied.
+/// How to extract one field from the word the program loaded (or the head it copied).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FieldDecoder {
     /// False when this kernel lacks the field; it then decodes as 0.
@@ -159,13 +159,15 @@ impl KernelLayout {
         let mut missing = Vec::new();
         for field in SockField::ALL {
             let (root, path) = sock_field_path(field);
-            match resolver.member(root, path) {
-                Some(member) if member.byte_size <= 8 => {
+            let member = resolver.member(root, path);
+            match member.as_ref().map(|member| (member, member.load())) {
+                Some((member, Some(load))) => {
                     let offset = member.bit_offset / 8;
                     let end = (member.bit_offset + member.bits).div_ceil(8);
                     let in_head = root == "sock" && end as usize <= SOCK_COMMON_BYTES;
                     // The programs skip the fields they copy with the head.
-                    config.sock_fields[field as usize] = if in_head { ABSENT } else { offset };
+                    config.sock_fields[field as usize] =
+                        if in_head { FieldLoad::ABSENT } else { load };
                     fields[field as usize] = FieldDecoder {
                         present: true,
                         common_offset: in_head.then_some(offset as u8),
@@ -213,7 +215,16 @@ impl KernelLayout {
         if config.cookie != ABSENT && !config.cookie.is_multiple_of(8) {
             return Err(Error::KernelHeadLayout { field: "skc_cookie" });
         }
-        config.net_ns_inum = byte_offset("net", &["ns", "inum"]).unwrap_or(ABSENT);
+        // The state programs load these two directly, at these widths.
+        config.net_ns_inum = match resolver.member("net", &["ns", "inum"]) {
+            Some(inum)
+                if inum.load() == Some(FieldLoad { offset: inum.bit_offset / 8, size: 4 }) =>
+            {
+                inum.bit_offset / 8
+            }
+            Some(_) => return Err(Error::KernelLayout { field: "ns.inum" }),
+            None => ABSENT,
+        };
         config.state = byte_offset("sock", &["__sk_common", "skc_state"])
             .ok_or(Error::KernelLayout { field: "skc_state" })?;
         let protocol = resolver
@@ -273,6 +284,23 @@ struct ResolvedMember {
     bits: u32,
     byte_size: u32,
     signed: bool,
+    bit_field: bool,
+}
+
+impl ResolvedMember {
+    /// The one load the verifier accepts for this member through a typed pointer: the
+    /// member's own width, or for a bit field the narrowest power of two bytes that holds
+    /// it whole from its first byte. None if no 1-, 2-, 4- or 8-byte load can.
+    fn load(&self) -> Option<FieldLoad> {
+        let offset = self.bit_offset / 8;
+        let size = if self.bit_field {
+            let span = (self.bit_offset + self.bits).div_ceil(8) - offset;
+            [1, 2, 4, 8].into_iter().find(|&size| size >= span)?
+        } else {
+            self.byte_size
+        };
+        matches!(size, 1 | 2 | 4 | 8).then_some(FieldLoad { offset, size })
+    }
 }
 
 struct Resolver<'a> {
@@ -296,8 +324,15 @@ impl Resolver<'_> {
                 };
             } else {
                 let (byte_size, signed) = self.scalar_shape(&member_type)?;
+                let bit_field = member.bitfield_size().is_some_and(|bits| bits > 0);
                 let bits = member.bitfield_size().filter(|&b| b > 0).unwrap_or(byte_size * 8);
-                found = Some(ResolvedMember { bit_offset: base_bits, bits, byte_size, signed });
+                found = Some(ResolvedMember {
+                    bit_offset: base_bits,
+                    bits,
+                    byte_size,
+                    signed,
+                    bit_field,
+                });
             }
         }
         found
@@ -446,6 +481,30 @@ mod tests {
     }
 
     #[test]
+    fn loads_each_member_at_a_width_the_verifier_accepts() {
+        let member = |bit_offset, bits, byte_size, bit_field| ResolvedMember {
+            bit_offset,
+            bits,
+            byte_size,
+            signed: false,
+            bit_field,
+        };
+        // Plain members: their own width, from their first byte.
+        assert_eq!(member(284 * 8, 32, 4, false).load(), Some(FieldLoad { offset: 284, size: 4 }));
+        assert_eq!(member(16, 8, 1, false).load(), Some(FieldLoad { offset: 2, size: 1 }));
+        assert_eq!(member(64, 64, 8, false).load(), Some(FieldLoad { offset: 8, size: 8 }));
+        // Bit fields: the narrowest load that holds them whole (5.x's `sk_protocol:8` at
+        // bit 8 of an `unsigned int`; a 2-bit field straddling a byte boundary).
+        assert_eq!(member(8, 8, 4, true).load(), Some(FieldLoad { offset: 1, size: 1 }));
+        assert_eq!(member(7, 2, 4, true).load(), Some(FieldLoad { offset: 0, size: 2 }));
+        assert_eq!(member(4, 20, 4, true).load(), Some(FieldLoad { offset: 0, size: 4 }));
+        // Nothing a single load of 1, 2, 4 or 8 bytes reads.
+        assert_eq!(member(0, 24, 3, false).load(), None);
+        assert_eq!(member(0, 128, 16, false).load(), None);
+        assert_eq!(member(4, 62, 8, true).load(), None);
+    }
+
+    #[test]
     fn finds_fields_in_tracefs_formats() {
         let format = "name: sys_exit_accept4\nID: 1234\nformat:\n\
             \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
@@ -472,5 +531,13 @@ mod tests {
         assert_eq!(layout.decoder(SockField::Cookie).bits, 64);
         assert_ne!(layout.config.net_ns_inum, ABSENT);
         assert_eq!(layout.config.protocol.mask, 0xffff);
+        // Direct loads at the members' own widths (head fields come with the head).
+        let load = |field: SockField| layout.config.sock_fields[field as usize];
+        assert_eq!(load(SockField::Err).size, 4);
+        assert_eq!(load(SockField::SourcePort).size, 2);
+        assert_eq!(load(SockField::Retransmits).size, 1);
+        assert_eq!(load(SockField::BytesAcked).size, 8);
+        assert_eq!(load(SockField::Socket).size, 8);
+        assert_eq!(load(SockField::Family), FieldLoad::ABSENT);
     }
 }
