@@ -5,7 +5,9 @@
 //! * throughput: events per second through `Tracker::ingest` + classification;
 //! * memory per tracked live socket (heap bytes, counted by a wrapping allocator);
 //! * heap under churn: millions of connections through a small table, a tenth of them
-//!   with their final event lost, must stay flat (bounded by the table, not the churn).
+//!   with their final event lost, must stay flat (bounded by the table, not the churn);
+//! * the decoder: time per ring-buffer record, for the two record kinds of a transition
+//!   (with this kernel's BTF layout; skipped without one).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -17,8 +19,9 @@ use std::{
 };
 
 use observer::{
-    event::{Snapshot, SocketEvent, StateChange},
+    event::{Decoder, Snapshot, SocketEvent, StateChange},
     inventory::{Detail, Inventory, Summary, dump_tcp_sockets},
+    kernel_layout::KernelLayout,
     owner::{Comm, Process},
     tcp::{SockFlags, TcpState},
     tracker::Tracker,
@@ -266,7 +269,44 @@ fn inventory_memory() {
     );
 }
 
+/// Time per record through `Decoder::decode`, records laid out in the ring's alignment
+/// (8 bytes) as the kernel writes them: a mid-connection transition and a final one.
+fn decoding() {
+    use observer_common::{CloseEvent, EventKind, StateEvent};
+    let Ok(layout) = KernelLayout::from_running_kernel() else {
+        println!("decoder: skipped (no kernel BTF to take the layout from)");
+        return;
+    };
+    let decoder = Decoder::new(&layout);
+    for (name, kind, size) in [
+        ("state", EventKind::State, size_of::<StateEvent>()),
+        ("close", EventKind::Close, size_of::<CloseEvent>()),
+    ] {
+        // Held in u64 words: the ring's 8-byte alignment. AF_INET, all else zero.
+        let mut words = vec![0u64; size / 8];
+        // SAFETY: viewing initialised u64s as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+        };
+        bytes[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
+        let family = layout.decoder(observer_common::SockField::Family);
+        if let Some(offset) = family.common_offset {
+            let at = size_of::<observer_common::EventHeader>() + usize::from(offset);
+            bytes[at..at + 2].copy_from_slice(&2u16.to_ne_bytes());
+        }
+        let bytes = &*bytes;
+        let rounds = 2_000_000;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            black_box(decoder.decode(black_box(bytes)).expect("decodes"));
+        }
+        let ns = start.elapsed().as_nanos() as f64 / rounds as f64;
+        println!("decoder: {ns:.1} ns per {name} record ({size} bytes)");
+    }
+}
+
 fn main() {
+    decoding();
     throughput();
     memory_per_socket();
     bounded_under_churn();
