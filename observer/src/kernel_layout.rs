@@ -159,10 +159,9 @@ impl KernelLayout {
         let mut missing = Vec::new();
         for field in SockField::ALL {
             let (root, path) = sock_field_path(field);
-            let member = resolver.member(root, path);
-            match member.as_ref().map(|member| (member, member.load())) {
-                Some((member, Some(load))) => {
-                    let offset = member.bit_offset / 8;
+            match resolver.member(root, path).and_then(|member| Some((member.load()?, member))) {
+                Some((load, member)) => {
+                    let offset = load.offset;
                     let end = (member.bit_offset + member.bits).div_ceil(8);
                     let in_head = root == "sock" && end as usize <= SOCK_COMMON_BYTES;
                     // The programs skip the fields they copy with the head.
