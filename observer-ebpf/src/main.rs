@@ -35,15 +35,16 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    btf_maps::{ArrayOfMaps, RingBuf},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
-            bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+            bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_ringbuf_query, bpf_skc_to_tcp_sock,
         },
     },
-    macros::{btf_tracepoint, map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    macros::{btf_map, btf_tracepoint, map, tracepoint},
+    maps::PerCpuArray,
     programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -78,11 +79,27 @@ macro_rules! config {
 #[unsafe(no_mangle)]
 static TASK_CONFIG: Global<TaskConfig> = Global::new(TaskConfig::UNSET);
 
-/// Records for the daemon. The daemon sizes it at load time (`--bpf.ring-buffer-bytes`).
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+/// Records for the daemon: one ring buffer per CPU, indexed by CPU number. The daemon
+/// creates the rings (`--bpf.ring-buffer-bytes` each) and puts them here before it
+/// attaches a program, and sizes this array to the possible CPUs.
+///
+/// Per CPU because a shared ring is shared state: its reservation takes a lock and moves
+/// a producer position that every CPU writes, and under churn that cache-line traffic
+/// was most of the state program's cost (~370 ns per run with one ring for all CPUs,
+/// ~230 with a ring per CPU, 2-CPU machine, docs/benchmarks.md). A CPU's records are
+/// in its ring in the order it reserved them; the daemon merges the rings by timestamp,
+/// which is why a program reads the clock *before* it reserves ([`Stamp`]).
+#[btf_map]
+static RINGS: ArrayOfMaps<CpuRing, MAX_CPUS> = ArrayOfMaps::new();
 
-/// Per CPU: [`LOST_RING_FULL`] counts records dropped because [`EVENTS`] was full;
+/// The template of [`RINGS`]' members: the kernel checks each ring the daemon inserts
+/// against its type and flags, not its size.
+type CpuRing = RingBuf<u8, 4096>;
+
+/// Compiled-in size of [`RINGS`]; the daemon loads it with one entry per possible CPU.
+const MAX_CPUS: usize = 1;
+
+/// Per CPU: [`LOST_RING_FULL`] counts records dropped because its CPU's ring ([`RINGS`]) was full;
 /// [`HANDLED_BY_STANDBY`] + tracepoint counts nested runs a standby program recorded.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 + TRACEPOINTS, 0);
@@ -372,24 +389,29 @@ fn record_state(ctx: &BtfTracePointContext, sk: u64, cookie: Option<u64>) {
         return;
     }
     let identity = StateIdentity { sk, tcp_sock, cookie, netns, transition };
+    let stamp = Stamp::now();
+    let Some(ring) = cpu_ring(&stamp) else {
+        transition_lost(ctx, transition);
+        return;
+    };
     if new_state != TCP_CLOSE {
-        let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
+        let Some(mut entry) = ring.reserve_untyped::<StateEvent>(0) else {
             transition_lost(ctx, transition);
             return;
         };
         let event: *mut StateEvent = entry.as_mut_ptr();
         // SAFETY: a reserved record of the right size.
-        let now = unsafe { write_state(&identity, EventKind::State, event) };
-        entry.submit(wakeup_flags(now));
+        unsafe { write_state(&identity, EventKind::State, &stamp, event) };
+        entry.submit(wakeup_flags(ring, stamp.timestamp_ns));
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) else {
+    let Some(mut entry) = ring.reserve_untyped::<CloseEvent>(0) else {
         transition_lost(ctx, transition);
         return;
     };
     let event: *mut CloseEvent = entry.as_mut_ptr();
     // SAFETY: a reserved record of the right size; `state` comes first in it.
-    let now = unsafe { write_state(&identity, EventKind::Close, addr_of_mut!((*event).state)) };
+    unsafe { write_state(&identity, EventKind::Close, &stamp, addr_of_mut!((*event).state)) };
     // SAFETY: as above; every evidence word is written.
     unsafe {
         let evidence = addr_of_mut!((*event).evidence).cast::<u64>();
@@ -399,7 +421,7 @@ fn record_state(ctx: &BtfTracePointContext, sk: u64, cookie: Option<u64>) {
             i += 1;
         }
     }
-    entry.submit(wakeup_flags(now));
+    entry.submit(wakeup_flags(ring, stamp.timestamp_ns));
 }
 
 /// What [`write_state`] records a transition of.
@@ -474,12 +496,17 @@ fn transition_lost(ctx: &BtfTracePointContext, (old_state, new_state): (u32, u32
     }
 }
 
-/// Fills every field of `event`; returns its timestamp.
+/// Fills every field of `event`.
 ///
 /// # Safety
 /// `event` must be valid for writes of a whole [`StateEvent`].
 #[inline(always)]
-unsafe fn write_state(socket: &StateIdentity, kind: EventKind, event: *mut StateEvent) -> u64 {
+unsafe fn write_state(
+    socket: &StateIdentity,
+    kind: EventKind,
+    stamp: &Stamp,
+    event: *mut StateEvent,
+) {
     let (old_state, new_state) = socket.transition;
     unsafe {
         // One copy for addresses, ports, family and cookie: the head's members are too
@@ -494,7 +521,7 @@ unsafe fn write_state(socket: &StateIdentity, kind: EventKind, event: *mut State
             }
             (None, offset) => read_pointer(socket.sk, offset),
         };
-        (*event).header = header(kind, socket.sk, cookie);
+        (*event).header = header(kind, stamp, socket.sk, cookie);
         let identity = addr_of_mut!((*event).identity).cast::<u64>();
         let mut i = 0;
         while i < SockField::IDENTITY {
@@ -513,7 +540,6 @@ unsafe fn write_state(socket: &StateIdentity, kind: EventKind, event: *mut State
             }
             _ => clear_owner(addr_of_mut!((*event).owner)),
         }
-        (*event).header.timestamp_ns
     }
 }
 
@@ -604,21 +630,22 @@ fn accepted(ctx: &TracePointContext) {
         return;
     }
     let cookie = read_pointer(sk, config!(cookie));
-    let Some(mut entry) = EVENTS.reserve::<OwnerEvent>(0) else {
+    let stamp = Stamp::now();
+    let Some((ring, mut entry)) =
+        cpu_ring(&stamp).and_then(|ring| Some((ring, ring.reserve_untyped::<OwnerEvent>(0)?)))
+    else {
         if let Some(lost) = count_lost() {
             warn!(ctx, "ring buffer full: owner of an accepted socket lost ({} on this CPU)", lost);
         }
         return;
     };
     let event: *mut OwnerEvent = entry.as_mut_ptr();
-    let header = header(EventKind::Accepted, sk, cookie);
-    let now = header.timestamp_ns;
     // SAFETY: a reserved record of the right size, fully written before submit.
     unsafe {
-        (*event).header = header;
+        (*event).header = header(EventKind::Accepted, &stamp, sk, cookie);
         write_current_owner(addr_of_mut!((*event).owner));
     }
-    entry.submit(wakeup_flags(now));
+    entry.submit(wakeup_flags(ring, stamp.timestamp_ns));
 }
 
 /// The 8-byte word (a pointer, a cookie) at `base + offset`, or 0 if absent or unreadable.
@@ -664,16 +691,18 @@ fn record_reset(
         // An RST answering a packet that matched no socket: no connection of ours.
         return;
     }
+    let stamp = Stamp::now();
     let event = ResetEvent {
-        header: header(kind, skaddr, hit.cookie),
+        header: header(kind, &stamp, skaddr, hit.cookie),
         state: read_u8(skaddr, config!(state)),
         reason,
         answers_packet: answers_packet as u32,
         _pad: 0,
     };
-    if EVENTS.output::<ResetEvent>(&event, wakeup_flags(event.header.timestamp_ns)).is_err()
-        && let Some(lost) = count_lost()
-    {
+    let written = cpu_ring(&stamp).is_some_and(|ring| {
+        ring.output_untyped::<ResetEvent>(&event, wakeup_flags(ring, stamp.timestamp_ns)).is_ok()
+    });
+    if !written && let Some(lost) = count_lost() {
         warn!(ctx, "ring buffer full: reset lost ({} on this CPU)", lost);
     }
 }
@@ -697,13 +726,37 @@ fn arg_value(ctx: &BtfTracePointContext, n: usize) -> u64 {
     value
 }
 
+/// Where and when a record is made, read *before* its reservation: then every record
+/// reserved after another in a CPU's ring was stamped no earlier than that one was
+/// reserved, which is what lets the daemon merge the CPUs' rings by timestamp without
+/// reordering one socket's records (see the daemon's `pipeline` module).
+struct Stamp {
+    cpu: u32,
+    timestamp_ns: u64,
+}
+
+impl Stamp {
+    #[inline(always)]
+    fn now() -> Self {
+        // SAFETY: plain helpers without arguments. The program cannot migrate to another
+        // CPU while it runs.
+        unsafe { Self { cpu: bpf_get_smp_processor_id(), timestamp_ns: bpf_ktime_get_ns() } }
+    }
+}
+
+/// The ring buffer of the CPU the record is made on ([`RINGS`]); `None` only if the
+/// daemon gave that CPU none, which it does not.
 #[inline(always)]
-fn header(kind: EventKind, skaddr: u64, cookie: u64) -> EventHeader {
+fn cpu_ring(stamp: &Stamp) -> Option<&'static CpuRing> {
+    RINGS.get(stamp.cpu)
+}
+
+#[inline(always)]
+fn header(kind: EventKind, stamp: &Stamp, skaddr: u64, cookie: u64) -> EventHeader {
     EventHeader {
         kind: kind as u32,
-        // SAFETY: plain helpers without arguments.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        cpu: stamp.cpu,
+        timestamp_ns: stamp.timestamp_ns,
         skaddr,
         cookie,
     }
@@ -800,11 +853,12 @@ fn read_u8(base: u64, offset: u32) -> u32 {
 }
 
 /// Wakes the daemon for the first record after [`WAKEUP_INTERVAL_NS`] of this CPU, or
-/// when an eighth of the ring is waiting (whatever `--bpf.ring-buffer-bytes` is);
-/// otherwise leaves the record to the daemon's follow-up drain (see
+/// when an eighth of this CPU's `ring` is waiting (whatever `--bpf.ring-buffer-bytes`
+/// is); otherwise leaves the record to the daemon's follow-up drain (see
 /// `observer_common::WAKEUP_INTERVAL_NS`).
 #[inline(always)]
-fn wakeup_flags(now_ns: u64) -> u64 {
+fn wakeup_flags(ring: &CpuRing, now_ns: u64) -> u64 {
+    let ring = (ring as *const CpuRing).cast_mut().cast::<c_void>();
     let Some(woken) = WOKEN_AT.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU slot; a nested run on this CPU at worst wakes once more or asks
     // about the ring's fill one record late.
@@ -812,8 +866,8 @@ fn wakeup_flags(now_ns: u64) -> u64 {
         (*woken).records_since += 1;
         let wake = now_ns.wrapping_sub((*woken).at_ns) >= WAKEUP_INTERVAL_NS
             || ((*woken).records_since % FILL_CHECK_EVERY == 0
-                && EVENTS.query(BPF_RB_AVAIL_DATA as u64)
-                    >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 8);
+                && bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64)
+                    >= bpf_ringbuf_query(ring, BPF_RB_RING_SIZE as u64) / 8);
         if wake {
             (*woken).at_ns = now_ns;
             (*woken).records_since = 0;

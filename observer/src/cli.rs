@@ -96,16 +96,16 @@ pub struct CommonArgs {
     #[arg(long = "tracker.max-sockets", value_name = "N", default_value = "262144", global = true)]
     pub max_sockets: NonZeroUsize,
 
-    /// Size of the kernel-to-daemon ring buffer in bytes (rounded up to a power of two
-    /// number of pages).
+    /// Size of each CPU's kernel-to-daemon ring buffer in bytes (rounded up to a power of
+    /// two number of pages). Default: 4 MiB per CPU up to 4 CPUs, then 16 MiB shared
+    /// out, at least 1 MiB per CPU.
     #[arg(
         long = "bpf.ring-buffer-bytes",
         value_name = "BYTES",
-        default_value_t = 8 << 20,
         value_parser = clap::value_parser!(u32).range(4096..=1 << 30),
         global = true
     )]
-    pub ring_buffer_bytes: u32,
+    pub ring_buffer_bytes: Option<u32>,
 
     /// Kernel BTF to read instead of the running kernel's (for tests of a missing or
     /// corrupt BTF; the programs still load into the running kernel).

@@ -11,9 +11,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{ArrayOfMaps, Map, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, TracePoint},
 };
+use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
 
 use crate::{
     error::Error,
@@ -47,8 +48,8 @@ const HANDLED_BY_STANDBY: u32 = 1;
 
 /// The attached programs and the maps the daemon reads.
 pub struct Attached {
-    /// Records from the kernel.
-    pub events: RingBuf<MapData>,
+    /// Records from the kernel: each CPU's ring buffer, indexed by CPU number.
+    pub rings: Vec<RingBuf<MapData>>,
     /// Owns the rest of the object; programs stay attached while it lives.
     pub lost: LostEvents,
     /// Messages of the programs themselves (aya-log), forwarded to our log.
@@ -131,9 +132,26 @@ pub fn check_privileges() -> Result<(), Error> {
 /// per-syscall events exist only in tracefs).
 const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
+/// Default size of each CPU's ring buffer: 4 MiB per CPU up to 4 CPUs (a 2-CPU host at
+/// its maximum churn needs ~1 MiB between two drains), then 16 MiB shared out, at least
+/// 1 MiB per CPU: a burst lands on the CPUs that handle it, so a host with more CPUs
+/// does not need proportionally more room on each.
+fn default_ring_bytes(cpus: u32) -> u32 {
+    const MIB: u32 = 1 << 20;
+    (16 * MIB / cpus.max(1)).clamp(MIB, 4 * MIB)
+}
+
+/// `bytes` rounded up to what the kernel accepts for a ring buffer: a power of two
+/// number of pages.
+fn ring_size(bytes: u32) -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    bytes.max(page).next_power_of_two()
+}
+
 pub fn load(
     layout: &KernelLayout,
-    ring_buffer_bytes: u32,
+    ring_buffer_bytes: Option<u32>,
     btf_path: &std::path::Path,
 ) -> Result<Attached, Error> {
     raise_memlock_limit();
@@ -143,14 +161,22 @@ pub fn load(
         Ok(offset) => task_config.accept_ret = *offset,
         Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
     }
+    let cpus = aya::util::nr_cpus()
+        .ok()
+        .and_then(|cpus| u32::try_from(cpus).ok())
+        .ok_or(Error::LoadObject { reason: "cannot count the possible CPUs".into() })?;
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &layout.config, true)
         .override_global("TASK_CONFIG", &task_config, true)
         .override_global(aya_log::LEVEL, &KERNEL_LOG_LEVEL_WARN, false)
-        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .map_max_entries("RINGS", cpus)
         .load(object)
         .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
+    // Before any program is attached: a CPU without its ring would lose its records.
+    let ring_bytes = ring_size(ring_buffer_bytes.unwrap_or_else(|| default_ring_bytes(cpus)));
+    let rings = create_cpu_rings(&mut ebpf, cpus, ring_bytes)?;
+    log::debug!("{cpus} ring buffers of {ring_bytes} bytes, one per possible CPU");
 
     let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|error| {
         Error::BtfParse { path: btf_path.to_path_buf(), reason: error.to_string() }
@@ -189,12 +215,6 @@ pub fn load(
         }
     }
 
-    let events = ebpf
-        .take_map("EVENTS")
-        .ok_or(Error::LoadObject { reason: "map EVENTS missing".into() })
-        .and_then(|map| {
-            RingBuf::try_from(map).map_err(|error| Error::LoadObject { reason: error.to_string() })
-        })?;
     let counters = ebpf
         .take_map("LOST")
         .ok_or(Error::LoadObject { reason: "map LOST missing".into() })
@@ -211,7 +231,36 @@ pub fn load(
     };
     let previous_misses = primaries.iter().map(|fd| recursion_misses(*fd)).collect();
     let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses };
-    Ok(Attached { events, lost, logger })
+    Ok(Attached { rings, lost, logger })
+}
+
+/// Creates a ring buffer of `bytes` for each of the `cpus` possible CPUs and puts it in
+/// the programs' `RINGS` table at the CPU's number.
+fn create_cpu_rings(
+    ebpf: &mut Ebpf,
+    cpus: u32,
+    bytes: u32,
+) -> Result<Vec<RingBuf<MapData>>, Error> {
+    let failed = |what: &str, error: &dyn std::fmt::Display| Error::LoadObject {
+        reason: format!("cannot {what} the per-CPU ring buffers: {error}"),
+    };
+    let table =
+        ebpf.map_mut("RINGS").ok_or(Error::LoadObject { reason: "map RINGS missing".into() })?;
+    let mut table: ArrayOfMaps<&mut MapData, RingBuf<MapData>> =
+        ArrayOfMaps::try_from(table).map_err(|error| failed("use", &error))?;
+    (0..cpus)
+        .map(|cpu| {
+            let definition =
+                aya_obj::Map::new_from_params(BPF_MAP_TYPE_RINGBUF as u32, 0, 0, bytes, 0);
+            let ring = MapData::create(definition, "observer_ring", None)
+                .map_err(|error| failed("create", &error_chain(&error)))
+                .and_then(|data| {
+                    RingBuf::try_from(Map::RingBuf(data)).map_err(|error| failed("open", &error))
+                })?;
+            table.set(cpu, &ring, 0).map_err(|error| failed("install", &error))?;
+            Ok(ring)
+        })
+        .collect()
 }
 
 /// Loads and attaches one program to `tracepoint`; returns its descriptor.
@@ -287,4 +336,32 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rings_hold_16_mib_between_one_and_four_per_cpu() {
+        const MIB: u32 = 1 << 20;
+        assert_eq!(default_ring_bytes(1), 4 * MIB);
+        assert_eq!(default_ring_bytes(2), 4 * MIB);
+        assert_eq!(default_ring_bytes(4), 4 * MIB);
+        assert_eq!(default_ring_bytes(8), 2 * MIB);
+        assert_eq!(default_ring_bytes(16), MIB);
+        assert_eq!(default_ring_bytes(256), MIB);
+        assert_eq!(default_ring_bytes(0), 4 * MIB);
+    }
+
+    #[test]
+    fn ring_sizes_are_rounded_up_to_a_power_of_two_number_of_pages() {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
+        assert_eq!(ring_size(1), page);
+        assert_eq!(ring_size(page), page);
+        assert_eq!(ring_size(page + 1), 2 * page);
+        assert_eq!(ring_size(3 * page), 4 * page);
+        assert_eq!(ring_size(4 << 20), 4 << 20);
+    }
 }

@@ -1,14 +1,25 @@
 //! The ring-buffer reader: kernel records → decoder → tracker → verdicts.
 //!
-//! One task owns the tracker, so nothing here is locked. It wakes when the ring buffer
+//! One task owns the tracker, so nothing here is locked. It wakes when a ring buffer
 //! has data, and when the oldest closed socket's evidence window ends; at every wake-up
-//! it drains the ring *before* expiring windows, so an RST reserved just after F is
+//! it drains the rings *before* expiring windows, so an RST reserved just after F is
 //! always counted with its connection.
+//!
+//! Each CPU has its own ring, and one socket's records may be made on different CPUs,
+//! so the rings are merged by timestamp. A record is handed on only once nothing that
+//! happened before it can still be missing ([`Passes`]): one socket's transitions
+//! follow each other under the socket's lock, so a record that precedes another of the
+//! same socket was committed before the later one was even stamped (the programs read
+//! the clock before they reserve). What a drain reads that is younger than that waits
+//! in [`Running::held`] for the next one.
 
 use std::{
+    collections::VecDeque,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
+
+use std::{future::poll_fn, task::Poll};
 
 use aya::maps::{MapData, RingBuf};
 use observer_common::WAKEUP_INTERVAL_NS;
@@ -26,14 +37,21 @@ use crate::{
 
 /// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).
 const SETTLE_BATCH: usize = 1024;
-/// A drain that goes on this many records (producers keep up with it: a mass close)
-/// also decides what is due, so closed sockets do not pile up until the ring is empty.
-const SETTLE_DURING_DRAIN_EVERY: usize = 4096;
-/// How long after its reservation in the ring a record's timestamp may be taken, at
-/// most: the programs read the clock microseconds after reserving, and this leaves room
-/// for interrupts in between. Mid-drain, every record reserved before the newest
-/// timestamp seen minus this is known to be drained (the ring is in reservation order).
-const RESERVED_BEFORE_TIMESTAMP_NS: u64 = 100_000_000;
+/// Records read from one ring per pass of a drain: a drain that goes on (producers keep
+/// up with it: a mass close) hands records on and decides what is due between passes,
+/// so neither read records nor closed sockets pile up until the rings are empty.
+const PASS_RECORDS_PER_RING: usize = 1024;
+/// How long a record stays held after a pass began before it is handed on, beyond what
+/// the merge needs in principle ([`Passes`]): a ring is read up to its first record
+/// still being written, and records of that CPU behind it (a softirq's, nested in that
+/// program run) wait there while another CPU may already go on with their sockets.
+/// A softirq runs 2 ms at most before it yields to ksoftirqd.
+const HOLD_NS: u64 = 2_000_000;
+/// During a drain that does not end, only windows that ended this long before every
+/// event was handed on are decided: reading the rings comes first (deciding everything
+/// due as soon as it was due lost ~3 times as many events in a mass close of 100 000
+/// sockets, the decisions competing with the drain within the burst).
+const DECIDE_DURING_DRAIN_LAG_NS: u64 = 100_000_000;
 /// Longest sleep without anything to decide (refreshes the lost-event count).
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// How often the lost-event count is read from the kernel under load.
@@ -68,20 +86,33 @@ impl<S: Sink> Pipeline<S> {
         metrics: Arc<Metrics>,
         sink: S,
     ) -> Self {
-        let state =
-            Running { decoder, tracker, metrics, sink, decided: Vec::new(), lost_read_at: 0 };
+        let state = Running {
+            decoder,
+            tracker,
+            metrics,
+            sink,
+            decided: Vec::new(),
+            lost_read_at: 0,
+            held: Vec::new(),
+            handed_on_until: 0,
+        };
         Self { attached, state }
     }
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { attached: Attached { events, mut lost, logger }, mut state } = self;
-        // SAFETY: the ring buffer owns its descriptor and lives inside the AsyncFd, so the
-        // descriptor stays open for as long as it is registered.
-        let mut ring =
-            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }.map_err(
-                |error| Error::Io { context: "cannot poll the ring buffer", source: error.into() },
-            )?;
+        let Self { attached: Attached { rings, mut lost, logger }, mut state } = self;
+        let cannot_poll =
+            |source: std::io::Error| Error::Io { context: "cannot poll the ring buffers", source };
+        let mut rings = rings
+            .into_iter()
+            // SAFETY: each ring buffer owns its descriptor and lives inside its AsyncFd,
+            // so the descriptor stays open for as long as it is registered.
+            .map(|ring| {
+                unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                    .map_err(|error| cannot_poll(error.into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut logger = match logger {
             // SAFETY: as above, the logger owns its ring buffer descriptor.
             Some(logger) => unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
@@ -107,32 +138,45 @@ impl<S: Sink> Pipeline<S> {
                         guard.clear_ready();
                     }
                 }
-                guard = ring.readable_mut() => {
-                    let mut guard = guard.map_err(|source| Error::Io {
-                        context: "cannot poll the ring buffer",
-                        source,
-                    })?;
-                    state.drain(guard.get_inner_mut());
-                    guard.clear_ready();
+                woken = any_readable(&mut rings) => {
+                    woken.map_err(cannot_poll)?;
                     follow_up = Some(monotonic_ns() + FOLLOW_UP_NS);
                 }
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => break,
             }
-            // Read the clock first: every record reserved before `now` is drained below,
-            // so windows that ended by `now` have all their evidence.
             let now = monotonic_ns();
-            let drained = state.drain(ring.get_mut());
+            let drained = state.drain(&mut rings, Hold::Recent);
             if follow_up.is_some_and(|at| now >= at) {
                 // Records still coming without wake-ups: look again one interval later.
                 follow_up = (drained > 0).then_some(now + FOLLOW_UP_NS);
             }
-            state.settle(ring.get_mut(), &mut lost, now);
+            state.settle(&mut rings, &mut lost, Hold::Recent);
         }
-        state.drain(ring.get_mut());
-        state.settle(ring.get_mut(), &mut lost, u64::MAX);
+        state.drain(&mut rings, Hold::Nothing);
+        state.settle(&mut rings, &mut lost, Hold::Nothing);
         Ok(())
     }
+}
+
+/// Waits until a ring buffer has been signalled, and clears the signal of every ring
+/// that has: the drain that follows reads them all.
+async fn any_readable(rings: &mut [AsyncFd<RingBuf<MapData>>]) -> std::io::Result<()> {
+    poll_fn(|context| {
+        let mut woken = false;
+        for ring in rings.iter_mut() {
+            match ring.poll_read_ready_mut(context) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    woken = true;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+        }
+        if woken { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
 }
 
 /// Waits for the eBPF log to have messages (never resolves without a logger).
@@ -145,6 +189,15 @@ async fn readable(
     }
 }
 
+/// How much of what a drain reads it may keep for the next one.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// Records too recent to be handed on safely ([`HOLD_NS`]).
+    Recent,
+    /// Nothing: the rings will not be read again (shutdown).
+    Nothing,
+}
+
 /// The pipeline's mutable state while running.
 struct Running<S> {
     decoder: Decoder,
@@ -153,6 +206,10 @@ struct Running<S> {
     sink: S,
     decided: Vec<ClosedConnection>,
     lost_read_at: u64,
+    /// Per ring: events read and not handed on yet, in the ring's order.
+    held: Vec<VecDeque<SocketEvent>>,
+    /// Every event stamped up to this instant has been handed on to the tracker.
+    handed_on_until: u64,
 }
 
 impl<S: Sink> Running<S> {
@@ -160,44 +217,117 @@ impl<S: Sink> Running<S> {
         self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Until the next thing to do: hand on held events, or decide a socket (whose window
+    /// is decided once the events of its end are handed on, [`HOLD_NS`] later).
     fn next_wake(&self) -> Duration {
-        match self.tracker().next_deadline_ns() {
-            Some(deadline) => {
-                Duration::from_nanos(deadline.saturating_sub(monotonic_ns())).min(IDLE_WAKE)
-            }
+        let due = [
+            self.held.iter().filter_map(|ring| ring.front()).map(SocketEvent::timestamp_ns).min(),
+            self.tracker().next_deadline_ns(),
+        ];
+        match due.into_iter().flatten().min() {
+            Some(at) => Duration::from_nanos(
+                (at + HOLD_NS).saturating_sub(monotonic_ns()).saturating_add(1),
+            )
+            .min(IDLE_WAKE),
             None => IDLE_WAKE,
         }
     }
 
-    /// Processes every record in the ring; returns how many there were.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+    /// Reads the rings until they are empty and hands their events on in timestamp
+    /// order, up to what `hold` keeps back; returns how many records were read.
+    ///
+    /// A pass reads each ring in turn. An event is handed on only if every event that
+    /// can have happened before it has been read:
+    /// * a ring read to its end held every record committed before the read; one not
+    ///   committed then was stamped after the pass began (`started`);
+    /// * a ring read only [`PASS_RECORDS_PER_RING`] records into holds unread ones that
+    ///   were reserved after the last one read, and so stamped after the newest read.
+    ///
+    /// An event stamped before both is handed on: anything that happened before it, on
+    /// its socket, was committed before it was stamped.
+    fn drain(&mut self, rings: &mut [AsyncFd<RingBuf<MapData>>], hold: Hold) -> usize {
         let shared = Arc::clone(&self.tracker);
         let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = std::mem::take(&mut self.held);
+        held.resize_with(rings.len(), VecDeque::new);
         let mut records = 0;
-        let mut newest_ns = 0;
-        while let Some(record) = ring.next() {
-            records += 1;
+        loop {
+            let started = monotonic_ns();
+            let mut until = match hold {
+                Hold::Recent => started.saturating_sub(HOLD_NS),
+                Hold::Nothing => u64::MAX,
+            };
+            let mut unread = false;
+            for (ring, events) in rings.iter_mut().zip(held.iter_mut()) {
+                let (read, newest_ns) = self.read_ring(ring.get_mut(), events);
+                records += read;
+                if read == PASS_RECORDS_PER_RING {
+                    unread = true;
+                    until = until.min(newest_ns);
+                }
+            }
+            // Merge: the oldest of the rings' first events, as long as it is old enough.
+            // (A ring is in reservation order, which is timestamp order but for a hit
+            // nested between another's clock reading and reservation: a different
+            // socket, which waits behind it.)
+            while let Some(oldest) = held
+                .iter_mut()
+                .filter(|events| events.front().is_some_and(|event| event.timestamp_ns() <= until))
+                .min_by_key(|events| events.front().map_or(u64::MAX, SocketEvent::timestamp_ns))
+            {
+                if let Some(event) = oldest.front() {
+                    self.ingest(&mut tracker, event);
+                }
+                oldest.pop_front();
+            }
+            self.handed_on_until = self.handed_on_until.max(until);
+            if !unread {
+                break;
+            }
+            // Producers keep up with this drain: decide meanwhile what has long been due,
+            // lest closed sockets pile up without bound, but leave the rest for later.
+            let long_due = self.handed_on_until.saturating_sub(DECIDE_DURING_DRAIN_LAG_NS);
+            while self.decide_batch(&mut tracker, long_due) {}
+        }
+        for events in &mut held {
+            // What a burst grew stays allocated only up to a pass's worth.
+            if events.capacity() > 2 * PASS_RECORDS_PER_RING
+                && events.len() <= PASS_RECORDS_PER_RING
+            {
+                events.shrink_to(PASS_RECORDS_PER_RING);
+            }
+        }
+        self.held = held;
+        drop(tracker);
+        self.sink.flush();
+        records
+    }
+
+    /// Decodes up to [`PASS_RECORDS_PER_RING`] records of `ring` into `held`; returns how
+    /// many it read and the newest timestamp among them.
+    fn read_ring(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        held: &mut VecDeque<SocketEvent>,
+    ) -> (usize, u64) {
+        let (mut read, mut newest_ns) = (0, 0);
+        while read < PASS_RECORDS_PER_RING {
+            let Some(record) = ring.next() else { break };
+            read += 1;
             let event = self.decoder.decode(&record);
             drop(record);
             match event {
                 Ok(event) => {
                     newest_ns = newest_ns.max(event.timestamp_ns());
-                    self.ingest(&mut tracker, &event);
+                    held.push_back(event);
                 }
                 Err(error) => {
                     log::warn!("dropping ring buffer record: {error}");
                     self.metrics.record_malformed();
                 }
             }
-            if records % SETTLE_DURING_DRAIN_EVERY == 0 {
-                // Windows that ended before the ring's drained part have their evidence.
-                let drained_until = newest_ns.saturating_sub(RESERVED_BEFORE_TIMESTAMP_NS);
-                while self.decide_batch(&mut tracker, drained_until) {}
-            }
         }
-        drop(tracker);
-        self.sink.flush();
-        records
+        (read, newest_ns)
     }
 
     fn ingest(&mut self, tracker: &mut Tracker, event: &SocketEvent) {
@@ -212,21 +342,31 @@ impl<S: Sink> Running<S> {
         self.publish();
     }
 
-    /// Decides every socket whose evidence window ended by `now_ns`, a batch at a time,
-    /// draining the ring between batches: a mass close has tens of thousands to decide,
-    /// and the ring would fill meanwhile. (Records drained in between cannot change a
-    /// window that ended by `now_ns`: every record reserved before then is already in.)
-    fn settle(&mut self, ring: &mut RingBuf<MapData>, lost: &mut LostEvents, now_ns: u64) {
+    /// Decides every socket whose evidence window ended by the time every event is
+    /// handed on, a batch at a time, draining the rings between batches: a mass close has
+    /// tens of thousands to decide, and the rings would fill meanwhile. (Records drained
+    /// in between cannot change a window that ended by then: they were stamped later.)
+    fn settle(
+        &mut self,
+        rings: &mut [AsyncFd<RingBuf<MapData>>],
+        lost: &mut LostEvents,
+        hold: Hold,
+    ) {
         let shared = Arc::clone(&self.tracker);
+        let until_ns = self.handed_on_until;
         loop {
             let mut tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
-            let more = self.decide_batch(&mut tracker, now_ns);
+            let more = self.decide_batch(&mut tracker, until_ns);
             drop(tracker);
             if !more {
                 break;
             }
-            self.drain(ring);
+            self.drain(rings, hold);
         }
+        let now_ns = match hold {
+            Hold::Recent => monotonic_ns(),
+            Hold::Nothing => u64::MAX,
+        };
         let tracker = shared.lock().unwrap_or_else(PoisonError::into_inner);
         let (stats, tracked) = (tracker.stats(), tracker.len());
         drop(tracker);
