@@ -290,11 +290,12 @@ impl<S: Sink> Running<S> {
             while self.decide_batch(&mut tracker, long_due) {}
         }
         for events in &mut held {
-            // What a burst grew stays allocated only up to a pass's worth.
-            if events.capacity() > 2 * PASS_RECORDS_PER_RING
+            // Steady churn keeps its capacity (no allocation per drain); what a burst
+            // grew beyond that is returned.
+            if events.capacity() > 8 * PASS_RECORDS_PER_RING
                 && events.len() <= PASS_RECORDS_PER_RING
             {
-                events.shrink_to(PASS_RECORDS_PER_RING);
+                events.shrink_to(2 * PASS_RECORDS_PER_RING);
             }
         }
         self.held = held;
