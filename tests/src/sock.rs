@@ -139,13 +139,18 @@ pub fn set_receive_buffer_listener(listener: &std::net::TcpListener, bytes: usiz
 /// Runs `f` with this thread pinned to CPU 0, so the timers the kernel arms for it all
 /// land on one CPU's timer wheel.
 pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
+    on_cpu(0, f)
+}
+
+/// Runs `f` with this thread pinned to CPU `cpu` (which must be online).
+pub fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
     use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
     use nix::unistd::Pid;
     let this_thread = Pid::from_raw(0);
     let original = sched_getaffinity(this_thread).expect("sched_getaffinity");
-    let mut cpu0 = CpuSet::new();
-    cpu0.set(0).expect("CPU 0");
-    sched_setaffinity(this_thread, &cpu0).expect("sched_setaffinity");
+    let mut only = CpuSet::new();
+    only.set(cpu).expect("CPU number");
+    sched_setaffinity(this_thread, &only).expect("sched_setaffinity");
     let result = f();
     sched_setaffinity(this_thread, &original).expect("sched_setaffinity");
     result

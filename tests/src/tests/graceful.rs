@@ -162,3 +162,34 @@ fn half_close() {
     super::barrier(&pair);
     assert_eq!(super::verdicts_besides_barrier(&pair.client).len(), 1);
 }
+
+/// Each CPU writes its own ring buffer, so a socket that connects on one CPU and closes
+/// on another has its transitions in two rings, and the daemon must merge them back into
+/// order. Connect on CPU 1, close on CPU 0, many times and faster than the daemon wakes
+/// up: read ring after ring, a close would come before its connect.
+#[test]
+fn one_socket_on_two_cpus() {
+    const CONNECTIONS: usize = 200;
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    assert!(online >= 2, "needs two CPUs, has {online}");
+    let pair = Pair::new();
+    let listener = pair.listen(7020);
+    let mut servers = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let client = sock::on_cpu(1, || {
+            pair.client.enter(|| std::net::TcpStream::connect(Pair::server_addr(7020)))
+        })
+        .expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        sock::on_cpu(0, || drop(client));
+        servers.push(server);
+    }
+    for connection in daemon().verdicts(&pair.client, CONNECTIONS) {
+        assert_eq!(connection.verdict(), ("fin", "active"), "{connection:?}");
+        assert_eq!(
+            connection.states,
+            ["syn_sent", "established", "fin_wait1", "fin_wait2", "close"],
+            "{connection:?}"
+        );
+    }
+}

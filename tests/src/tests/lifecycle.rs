@@ -83,10 +83,29 @@ fn start(name: &str, extra: &[String]) -> (Daemon, BpfObjects) {
     let accept_programs = if tracefs_mounted() { 2 } else { 0 };
     assert_eq!(objects.programs.len(), 6 + accept_programs, "{objects:?}");
     assert!((6..=6 + accept_programs).contains(&objects.links.len()), "{objects:?}");
-    assert!(objects.maps.len() >= 3, "EVENTS, LOST, BUSY at least: {objects:?}");
+    // A ring buffer per possible CPU, the array that lists them, LOST and RECORDED (the
+    // rings are among what must be freed at exit).
+    let maps_at_least = possible_cpus() + 3;
+    assert!(objects.maps.len() >= maps_at_least, "{maps_at_least} maps at least: {objects:?}");
     let loaded = BpfObjects::loaded();
     assert!(objects.programs.is_subset(&loaded.programs), "bpftool must list them");
     (daemon, objects)
+}
+
+/// CPUs the kernel may bring online (`/sys/devices/system/cpu/possible`: "0-3", "0,2-5").
+fn possible_cpus() -> usize {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    list.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((first, last)) => {
+                last.parse::<usize>().expect("CPU number")
+                    - first.parse::<usize>().expect("CPU number")
+                    + 1
+            }
+            None => 1,
+        })
+        .sum()
 }
 
 /// Waits until none of `objects` is loaded any more; the kernel frees them once the last
