@@ -7,7 +7,7 @@
 //!
 //! Each CPU has its own ring, and one socket's records may be made on different CPUs,
 //! so the rings are merged by timestamp. A record is handed on only once nothing that
-//! happened before it can still be missing ([`Passes`]): one socket's transitions
+//! happened before it can still be missing ([`Running::drain`]): one socket's transitions
 //! follow each other under the socket's lock, so a record that precedes another of the
 //! same socket was committed before the later one was even stamped (the programs read
 //! the clock before they reserve). What a drain reads that is younger than that waits
@@ -15,11 +15,11 @@
 
 use std::{
     collections::VecDeque,
+    future::poll_fn,
     sync::{Arc, Mutex, PoisonError},
+    task::Poll,
     time::Duration,
 };
-
-use std::{future::poll_fn, task::Poll};
 
 use aya::maps::{MapData, RingBuf};
 use observer_common::WAKEUP_INTERVAL_NS;
@@ -42,14 +42,14 @@ const SETTLE_BATCH: usize = 1024;
 /// so neither read records nor closed sockets pile up until the rings are empty.
 const PASS_RECORDS_PER_RING: usize = 1024;
 /// How long a record stays held after a pass began before it is handed on, beyond what
-/// the merge needs in principle ([`Passes`]): a ring is read up to its first record
+/// the merge needs in principle ([`Running::drain`]): a ring is read up to its first record
 /// still being written, and records of that CPU behind it (a softirq's, nested in that
 /// program run) wait there while another CPU may already go on with their sockets.
 /// A softirq runs 2 ms at most before it yields to ksoftirqd.
 const HOLD_NS: u64 = 2_000_000;
 /// During a drain that does not end, only windows that ended this long before every
 /// event was handed on are decided: reading the rings comes first (deciding everything
-/// due as soon as it was due lost ~3 times as many events in a mass close of 100 000
+/// due as soon as it was due lost about twice as many events in a mass close of 100 000
 /// sockets, the decisions competing with the drain within the burst).
 const DECIDE_DURING_DRAIN_LAG_NS: u64 = 100_000_000;
 /// Longest sleep without anything to decide (refreshes the lost-event count).
@@ -208,7 +208,8 @@ struct Running<S> {
     lost_read_at: u64,
     /// Per ring: events read and not handed on yet, in the ring's order.
     held: Vec<VecDeque<SocketEvent>>,
-    /// Every event stamped up to this instant has been handed on to the tracker.
+    /// Every event stamped up to this instant has been handed on to the tracker (but a
+    /// nested hit's, which may wait behind its CPU's previous record: see the merge).
     handed_on_until: u64,
 }
 
