@@ -85,8 +85,8 @@ static TASK_CONFIG: Global<TaskConfig> = Global::new(TaskConfig::UNSET);
 ///
 /// Per CPU because a shared ring is shared state: its reservation takes a lock and moves
 /// a producer position that every CPU writes, and under churn that cache-line traffic
-/// was most of the state program's cost (~370 ns per run with one ring for all CPUs,
-/// ~230 with a ring per CPU, 2-CPU machine, docs/benchmarks.md). A CPU's records are
+/// was most of the state program's cost (328 ns per run with one ring for all CPUs,
+/// 218 with a ring per CPU, 2-CPU machine, docs/benchmarks.md). A CPU's records are
 /// in its ring in the order it reserved them; the daemon merges the rings by timestamp,
 /// which is why a program reads the clock *before* it reserves ([`Stamp`]).
 #[btf_map]
