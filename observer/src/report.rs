@@ -187,14 +187,14 @@ impl ConnectionReport {
             class: Some(closed.verdict.class()),
             cause: Some(closed.verdict.cause),
             detail: closed.verdict.detail,
-            states: closed.states.clone(),
+            states: closed.states.to_vec(),
             duration_seconds: closed.duration_ns.map(|ns| ns as f64 / 1e9),
             bytes_acked: closed.snapshot.bytes_acked,
             bytes_received: closed.snapshot.bytes_received,
             retransmits: closed.snapshot.total_retrans,
             srtt_us: closed.snapshot.srtt_us,
             sk_err: Some(closed.snapshot.sk_err),
-            resets: Some(closed.resets.clone()),
+            resets: Some(closed.resets.to_vec()),
             evidence: Some(closed.snapshot),
         }
     }

@@ -37,7 +37,7 @@ use lru::LruCache;
 use serde::Serialize;
 
 use crate::{
-    classify::{self, Close, History, Outcome, ResetSeen, Role, Transition, Verdict},
+    classify::{self, Close, History, Outcome, ResetList, ResetSeen, Role, Transition, Verdict},
     event::{Accepted, Reset, SocketEvent, SocketId, StateChange},
     owner::Process,
     tcp::TcpState,
@@ -71,7 +71,7 @@ pub struct ClosedConnection {
     /// The service port: local for a server, remote for a client, lower otherwise.
     pub port: u16,
     /// States visited, first to last (`close` last).
-    pub states: Vec<TcpState>,
+    pub states: StatePath,
     /// CLOCK_MONOTONIC of the open (SYN_SENT / child creation / listen); unknown for
     /// sockets opened before we started.
     pub opened_ns: Option<u64>,
@@ -82,7 +82,7 @@ pub struct ClosedConnection {
     pub owner: Option<Process>,
     pub previous_state: TcpState,
     pub snapshot: crate::event::Snapshot,
-    pub resets: Vec<ResetSeen>,
+    pub resets: ResetList,
 }
 
 /// What the caller should count for an ingested event.
@@ -119,28 +119,39 @@ struct Tracked {
 #[derive(Clone, Debug, Default)]
 struct End {
     close: Option<Close>,
-    resets: Vec<ResetSeen>,
+    resets: ResetList,
 }
 
 /// The states a socket went through, first to current, four bits each (the first in the
 /// lowest bits, 0 = none). Past [`StatePath::CAPACITY`] states, the last one shown is the
-/// current state.
-#[derive(Clone, Copy, Debug, Default)]
-struct StatePath(u64);
+/// current state. A value, not a `Vec`: a verdict carries it to `/connections`, which
+/// keeps it long after, and freeing that old an allocation was a tenth of the daemon's
+/// time under churn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatePath(u64);
 
 impl StatePath {
     const CAPACITY: u32 = u64::BITS / 4;
 
-    fn len(self) -> u32 {
+    pub fn len(self) -> u32 {
         (u64::BITS - self.0.leading_zeros()).div_ceil(4)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 
     fn get(self, index: u32) -> TcpState {
         TcpState::ALL[((self.0 >> (4 * index)) & 0xf) as usize - 1]
     }
 
-    fn last(self) -> Option<TcpState> {
+    pub fn last(self) -> Option<TcpState> {
         self.len().checked_sub(1).map(|index| self.get(index))
+    }
+
+    /// First to last.
+    pub fn iter(self) -> impl Iterator<Item = TcpState> {
+        (0..self.len()).map(move |index| self.get(index))
     }
 
     /// Appends `state` unless the socket is already in it.
@@ -153,8 +164,15 @@ impl StatePath {
         self.0 = self.0 & !(0xf << (4 * index)) | code << (4 * index);
     }
 
-    fn to_vec(self) -> Vec<TcpState> {
-        (0..self.len()).map(|index| self.get(index)).collect()
+    pub fn to_vec(self) -> Vec<TcpState> {
+        self.iter().collect()
+    }
+}
+
+/// As the list of states it is.
+impl Serialize for StatePath {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
     }
 }
 
@@ -273,7 +291,7 @@ impl Tracked {
         // A socket born while we watched starts in its first new state (a client was
         // never meaningfully "close", a child never "listen"); one opened before we
         // started starts where we first saw it.
-        if self.states.len() == 0 && self.opened_ns.is_none() {
+        if self.states.is_empty() && self.opened_ns.is_none() {
             self.states.push(change.old);
         }
         self.states.push(change.new);
@@ -403,7 +421,7 @@ impl Tracker {
                 role: tracked.role.unwrap_or(Role::Unknown),
                 opened_ns: tracked.opened_ns(),
                 owner: tracked.owner.as_deref().copied(),
-                states: states_visited(tracked),
+                states: states_path(tracked).to_vec(),
             }
         })
     }
@@ -589,7 +607,7 @@ impl Tracker {
 
 /// Classifies a closed socket; listeners yield nothing.
 fn finish(mut tracked: Tracked) -> Option<ClosedConnection> {
-    let states = states_visited(&tracked);
+    let states = states_path(&tracked);
     let last_change = tracked.last_change();
     let end = *tracked.end.take()?;
     let close = end.close?;
@@ -636,9 +654,13 @@ pub fn service_port(role: Role, local: SocketAddr, remote: SocketAddr) -> u16 {
 }
 
 /// The states a socket went through, first to current.
-fn states_visited(tracked: &Tracked) -> Vec<TcpState> {
-    match tracked.states.to_vec() {
-        states if states.is_empty() => vec![tracked.state],
+fn states_path(tracked: &Tracked) -> StatePath {
+    match tracked.states {
+        states if states.is_empty() => {
+            let mut only = StatePath::default();
+            only.push(tracked.state);
+            only
+        }
         states => states,
     }
 }
@@ -742,7 +764,7 @@ mod tests {
         assert_eq!(closed.verdict.cause, Cause::UnreadData);
         assert_eq!(closed.role, Role::Client);
         assert_eq!(closed.port, 80);
-        assert_eq!(closed.states, vec![SynSent, Established, Close]);
+        assert_eq!(closed.states.to_vec(), vec![SynSent, Established, Close]);
         assert_eq!(closed.duration_ns, Some(2_000_000));
         assert!(t.is_empty());
         assert_eq!(t.live().count(), 0);

@@ -283,7 +283,7 @@ proptest! {
         check_tracker_invariants(&tracker, capacity)?;
         prop_assert!(decided.len() <= finals, "{} verdicts for {finals} final transitions", decided.len());
         for closed in &decided {
-            prop_assert_eq!(closed.states.last(), Some(&TcpState::Close));
+            prop_assert_eq!(closed.states.last(), Some(TcpState::Close));
             // What /connections and watch print must render.
             let report = ConnectionReport::new(closed, &Clock::now(), &mut CgroupNames::new());
             serde_json::to_string(&report).unwrap();
