@@ -1,9 +1,9 @@
 //! The wire format between the eBPF programs and the daemon, defined once.
 //!
-//! The kernel side is deliberately dumb: at every TCP state transition it copies the head
-//! of the socket (`struct sock_common`: addresses, ports, family, namespace, cookie) and
-//! the few identity words outside it into a [`StateEvent`]; at the final transition the
-//! evidence words ([`SockField`]) too, into a [`CloseEvent`]; and at every RST it
+//! The kernel side is deliberately dumb: at every TCP state transition it loads the
+//! socket's identity (family, ports, addresses: [`SockField`]s) and its namespace into a
+//! [`StateEvent`]; at the final transition the evidence words too, into a
+//! [`CloseEvent`]; and at every RST it
 //! records which socket, in which state, and why ([`ResetEvent`]). Which byte of the
 //! socket each field lives at is not known at compile time: the daemon reads it from the
 //! running kernel's BTF and patches [`ProgramConfig`] into the object before loading it.
@@ -30,11 +30,6 @@ pub const IPPROTO_TCP: u32 = 6;
 /// per record costs more than recording it at high connection rates.
 pub const WAKEUP_INTERVAL_NS: u64 = 10_000_000;
 
-/// Bytes at the head of `struct sock` (its `struct sock_common`) every [`StateEvent`]
-/// copies in one read: on every kernel since 5.10 they hold the IPv4 and IPv6 addresses,
-/// both ports, the family, the namespace pointer, the cookie and the flags. One copy
-/// costs about what reading one field does; the daemon checks the layout at startup.
-pub const SOCK_COMMON_BYTES: usize = 112;
 /// What a ring-buffer record is; the first `u32` of every record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,9 +62,7 @@ impl EventKind {
 }
 
 /// The `struct sock` words a transition carries: the first [`SockField::IDENTITY`] in
-/// [`StateEvent::identity`], the rest in [`CloseEvent::evidence`]. Fields that lie in
-/// [`StateEvent::common`] are decoded from there instead (their offset is [`ABSENT`] in
-/// [`ProgramConfig::sock_fields`], so the programs skip them).
+/// [`StateEvent::identity`], the rest in [`CloseEvent::evidence`].
 ///
 /// Each is read with one load of its natural width ([`FieldLoad`]: 1, 2, 4 or 8 bytes
 /// starting at the byte that holds the field; bit fields with the bytes that hold them)
@@ -180,7 +173,7 @@ impl SockField {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FieldLoad {
-    /// Byte offset, or [`ABSENT`] (missing, or copied with [`StateEvent::common`]).
+    /// Byte offset, or [`ABSENT`] (this kernel lacks the field).
     pub offset: u32,
     /// 1, 2, 4 or 8.
     pub size: u32,
@@ -206,14 +199,17 @@ pub struct BitField {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramConfig {
     /// How the state programs read each [`SockField`] (the offset is [`ABSENT`] if the
-    /// field is missing, or copied with [`StateEvent::common`]).
+    /// field is missing).
     pub sock_fields: [FieldLoad; SockField::COUNT],
+    /// `sock_common.skc_v6_rcv_saddr` and `skc_v6_daddr` (16 bytes each, loaded as two
+    /// words each), or [`ABSENT`] without CONFIG_IPV6.
+    pub v6_local: u32,
+    pub v6_remote: u32,
     /// `sock_common.skc_cookie` (read by the reset and accept programs, and by the state
-    /// program from [`StateEvent::common`] where `bpf_get_socket_cookie` is missing).
+    /// programs where `bpf_get_socket_cookie` is missing).
     pub cookie: u32,
-    /// `sock_common.skc_net.net` (the `struct net *`, 8 bytes: inside
-    /// [`StateEvent::common`], and loaded directly by the state programs) and
-    /// `net.ns.inum` behind it (4 bytes).
+    /// `sock_common.skc_net.net` (the `struct net *`, 8 bytes, loaded directly by the
+    /// state programs) and `net.ns.inum` behind it (4 bytes).
     pub net: u32,
     pub net_ns_inum: u32,
     /// `sock.sk_protocol`, to keep only IPPROTO_TCP (the accept programs; the state
@@ -274,6 +270,8 @@ impl TaskConfig {
 impl ProgramConfig {
     pub const UNSET: Self = Self {
         sock_fields: [FieldLoad::ABSENT; SockField::COUNT],
+        v6_local: ABSENT,
+        v6_remote: ABSENT,
         cookie: ABSENT,
         net: ABSENT,
         net_ns_inum: ABSENT,
@@ -351,10 +349,11 @@ pub struct EventHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateEvent {
     pub header: EventHeader,
-    /// The first [`SOCK_COMMON_BYTES`] of the socket, as 8-byte words.
-    pub common: [u64; SOCK_COMMON_BYTES / 8],
-    /// The identity [`SockField`]s outside `common`, zero-extended (0 elsewhere).
+    /// The identity [`SockField`]s, zero-extended (0 where [`ABSENT`]).
     pub identity: [u64; SockField::IDENTITY],
+    /// `skc_v6_rcv_saddr` then `skc_v6_daddr` as they lie in memory, two words each;
+    /// zero unless the socket is AF_INET6.
+    pub v6_addresses: [u64; 4],
     pub old_state: u32,
     pub new_state: u32,
     /// Inode number of the socket's network namespace (0 if unknown).
@@ -392,9 +391,7 @@ pub struct ResetEvent {
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<Owner>() == 32);
-const _: () = assert!(SOCK_COMMON_BYTES.is_multiple_of(8));
-const _: () =
-    assert!(size_of::<StateEvent>() == 32 + SOCK_COMMON_BYTES + 8 * SockField::IDENTITY + 16 + 32);
+const _: () = assert!(size_of::<StateEvent>() == 32 + 8 * SockField::IDENTITY + 32 + 16 + 32);
 const _: () = assert!(
     size_of::<CloseEvent>()
         == size_of::<StateEvent>() + 8 * (SockField::COUNT - SockField::IDENTITY)
@@ -404,7 +401,7 @@ const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
     align_of::<CloseEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (2 * SockField::COUNT + 3 + 3 + 4));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (2 * SockField::COUNT + 2 + 3 + 3 + 4));
 const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]

@@ -289,11 +289,9 @@ fn decoding() {
             std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
         };
         bytes[..4].copy_from_slice(&(kind as u32).to_ne_bytes());
-        let family = layout.decoder(observer_common::SockField::Family);
-        if let Some(offset) = family.common_offset {
-            let at = size_of::<observer_common::EventHeader>() + usize::from(offset);
-            bytes[at..at + 2].copy_from_slice(&2u16.to_ne_bytes());
-        }
+        // The family is the first identity word, right after the header.
+        let at = size_of::<observer_common::EventHeader>();
+        bytes[at..at + 2].copy_from_slice(&2u16.to_ne_bytes());
         let bytes = &*bytes;
         let rounds = 2_000_000;
         let start = Instant::now();

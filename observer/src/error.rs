@@ -25,13 +25,6 @@ pub enum Error {
     #[error("this kernel's BTF has no `{field}` in struct sock/tcp_sock; unsupported kernel")]
     KernelLayout { field: &'static str },
 
-    #[error(
-        "this kernel's struct sock has `{field}` outside the first {} bytes observer copies \
-         at each transition (or misaligned); unsupported kernel",
-        observer_common::SOCK_COMMON_BYTES
-    )]
-    KernelHeadLayout { field: &'static str },
-
     #[error("failed to load eBPF program `{program}`: {reason}")]
     LoadProgram { program: &'static str, reason: String },
 
@@ -81,9 +74,9 @@ impl Error {
             Error::Privileges { .. } => exit::PRIVILEGES,
             Error::NoBtf { .. } => exit::NO_BTF,
             Error::BtfParse { .. } => exit::BAD_BTF,
-            Error::MissingTracepoint { .. }
-            | Error::KernelLayout { .. }
-            | Error::KernelHeadLayout { .. } => exit::UNSUPPORTED_KERNEL,
+            Error::MissingTracepoint { .. } | Error::KernelLayout { .. } => {
+                exit::UNSUPPORTED_KERNEL
+            }
             Error::LoadProgram { .. } | Error::LoadObject { .. } | Error::Attach { .. } => {
                 exit::BPF_LOAD
             }

@@ -11,8 +11,7 @@ use std::{
 };
 
 use observer_common::{
-    CloseEvent, EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SOCK_COMMON_BYTES,
-    SockField, StateEvent,
+    CloseEvent, EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SockField, StateEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -168,42 +167,25 @@ pub enum DecodeError {
 #[derive(Clone, Debug)]
 pub struct Decoder {
     fields: [FieldDecoder; SockField::COUNT],
-    v6_addresses: Option<(u8, u8)>,
     reset_reasons: HashMap<u32, ResetReason>,
 }
 
 /// Evidence words of a [`CloseEvent`].
 type Evidence = [u64; SockField::COUNT - SockField::IDENTITY];
 
-/// The socket's head as the program copied it: 8-byte words in the kernel's (little-
-/// endian) byte order, read at any byte offset without copying; beyond its end reads 0.
-struct Head<'a>(&'a [u64; SOCK_COMMON_BYTES / 8]);
-
-impl Head<'_> {
-    fn word(&self, offset: usize) -> u64 {
-        let (index, shift) = (offset / 8, (offset % 8) as u32 * 8);
-        let low = self.0.get(index).copied().unwrap_or(0);
-        if shift == 0 {
-            return low;
-        }
-        let high = self.0.get(index + 1).copied().unwrap_or(0);
-        (low >> shift) | (high << (64 - shift))
+/// An address as the program loaded it: two words of the kernel's `in6_addr`, in memory
+/// order.
+fn ipv6(words: &[u64]) -> Ipv6Addr {
+    let mut octets = [0; 16];
+    for (chunk, word) in octets.chunks_exact_mut(8).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
     }
-
-    fn ipv6(&self, offset: u8) -> Ipv6Addr {
-        let offset = usize::from(offset);
-        let high = u128::from(self.word(offset + 8)) << 64;
-        Ipv6Addr::from((high | u128::from(self.word(offset))).to_le_bytes())
-    }
+    Ipv6Addr::from(octets)
 }
 
 impl Decoder {
     pub fn new(layout: &KernelLayout) -> Self {
-        Self {
-            fields: layout.fields,
-            v6_addresses: layout.v6_addresses,
-            reset_reasons: layout.reset_reasons.clone(),
-        }
+        Self { fields: layout.fields, reset_reasons: layout.reset_reasons.clone() }
     }
 
     pub fn decode(&self, record: &[u8]) -> Result<SocketEvent, DecodeError> {
@@ -236,25 +218,12 @@ impl Decoder {
         }
     }
 
-    /// The raw word holding `field`: from the head or the identity words, or for the
-    /// evidence fields from `evidence`.
-    fn word(&self, head: &Head, raw: &StateEvent, evidence: &Evidence, field: SockField) -> u64 {
-        let index = field as usize;
-        match self.fields[index].common_offset {
-            Some(offset) => head.word(usize::from(offset)),
-            None if index < SockField::IDENTITY => raw.identity[index],
-            None => evidence[index - SockField::IDENTITY],
-        }
-    }
-
     fn state(
         &self,
         raw: &StateEvent,
         evidence: Option<&Evidence>,
     ) -> Result<StateChange, DecodeError> {
-        let head = Head(&raw.common);
-        let identity =
-            |f: SockField| self.fields[f as usize].unsigned(self.word(&head, raw, &[0; _], f));
+        let identity = |f: SockField| self.fields[f as usize].unsigned(raw.identity[f as usize]);
         let family = identity(SockField::Family);
         // Ports are stored in network order except skc_num; inet_sport survives unhash.
         let local_port = match u16::from_be(identity(SockField::SourcePort) as u16) {
@@ -263,12 +232,8 @@ impl Decoder {
         };
         let remote_port = u16::from_be(identity(SockField::DestinationPort) as u16);
         let (local_ip, remote_ip) = if family == AF_INET6 {
-            let (local, remote) = self
-                .v6_addresses
-                .map_or((Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED), |(local, remote)| {
-                    (head.ipv6(local), head.ipv6(remote))
-                });
-            (IpAddr::V6(local), IpAddr::V6(remote))
+            let (local, remote) = raw.v6_addresses.split_at(2);
+            (IpAddr::V6(ipv6(local)), IpAddr::V6(ipv6(remote)))
         } else if family == AF_INET || family == 0 {
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
             (v4(identity(SockField::SourceAddr4)), v4(identity(SockField::DestinationAddr4)))
@@ -285,18 +250,18 @@ impl Decoder {
             local: SocketAddr::new(local_ip, local_port),
             remote: SocketAddr::new(remote_ip, remote_port),
             // Only the final transition carries evidence.
-            snapshot: evidence
-                .map(|evidence| self.snapshot(&head, raw, evidence))
-                .unwrap_or_default(),
+            snapshot: evidence.map(|evidence| self.snapshot(evidence)).unwrap_or_default(),
             owner: Process::from_kernel(&raw.owner),
         })
     }
 
-    fn snapshot(&self, head: &Head, raw: &StateEvent, evidence: &Evidence) -> Snapshot {
-        let field =
-            |f: SockField| self.fields[f as usize].unsigned(self.word(head, raw, evidence, f));
-        let signed =
-            |f: SockField| self.fields[f as usize].signed(self.word(head, raw, evidence, f));
+    /// The evidence fields, which follow the identity ones.
+    fn snapshot(&self, evidence: &Evidence) -> Snapshot {
+        let word = |f: SockField| {
+            (f as usize).checked_sub(SockField::IDENTITY).map_or(0, |index| evidence[index])
+        };
+        let field = |f: SockField| self.fields[f as usize].unsigned(word(f));
+        let signed = |f: SockField| self.fields[f as usize].signed(word(f));
         let receive_next = field(SockField::ReceiveNext) as u32;
         let copied = field(SockField::CopiedSeq) as u32;
         Snapshot {
@@ -353,19 +318,6 @@ mod tests {
 
     use super::*;
 
-    /// Where the fields sit in the socket's head (as on 6.18: `sock_common`).
-    const HEAD: [(SockField, u8); 7] = [
-        (SockField::DestinationAddr4, 0),
-        (SockField::SourceAddr4, 4),
-        (SockField::DestinationPort, 12),
-        (SockField::LocalPort, 14),
-        (SockField::Family, 16),
-        (SockField::Cookie, 88),
-        (SockField::Flags, 96),
-    ];
-    const V6_REMOTE: u8 = 56;
-    const V6_LOCAL: u8 = 72;
-
     fn layout() -> KernelLayout {
         let mut fields = [FieldDecoder::default(); SockField::COUNT];
         for field in SockField::ALL {
@@ -379,9 +331,7 @@ mod tests {
                 SockField::BytesAcked | SockField::BytesReceived => (64, false),
                 _ => (32, false),
             };
-            let common_offset = HEAD.iter().find(|(f, _)| *f == field).map(|(_, offset)| *offset);
-            fields[field as usize] =
-                FieldDecoder { present: true, common_offset, shift: 0, bits, signed };
+            fields[field as usize] = FieldDecoder { present: true, shift: 0, bits, signed };
         }
         let mut reset_reasons = HashMap::new();
         reset_reasons.insert(14, ResetReason::TcpState);
@@ -389,7 +339,6 @@ mod tests {
             config: ProgramConfig { valid: 1, ..ProgramConfig::UNSET },
             task_config: observer_common::TaskConfig::UNSET,
             fields,
-            v6_addresses: Some((V6_LOCAL, V6_REMOTE)),
             reset_reasons,
             missing: vec![],
         }
@@ -408,8 +357,8 @@ mod tests {
     fn state_event(kind: EventKind, old_state: u32, new_state: u32) -> StateEvent {
         StateEvent {
             header: header(kind),
-            common: [0; SOCK_COMMON_BYTES / 8],
             identity: [0; SockField::IDENTITY],
+            v6_addresses: [0; 4],
             old_state,
             new_state,
             netns: 4026531840,
@@ -418,11 +367,20 @@ mod tests {
         }
     }
 
-    /// Writes `bytes` into the head at `offset` (native order, as the kernel has it).
-    fn put(raw: &mut StateEvent, offset: u8, bytes: &[u8]) {
-        let mut head: Vec<u8> = raw.common.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        head[usize::from(offset)..usize::from(offset) + bytes.len()].copy_from_slice(bytes);
-        for (word, chunk) in raw.common.iter_mut().zip(head.chunks_exact(8)) {
+    /// Sets the low `bytes.len()` bytes of an identity word (as a load of the member's
+    /// width zero-extends it), keeping whatever `raw` held above them.
+    fn put(raw: &mut StateEvent, field: SockField, bytes: &[u8]) {
+        let word = &mut raw.identity[field as usize];
+        let mut octets = word.to_ne_bytes();
+        octets[..bytes.len()].copy_from_slice(bytes);
+        *word = u64::from_ne_bytes(octets);
+    }
+
+    /// Writes an IPv6 address into the two words the program loads it as.
+    fn put_v6(raw: &mut StateEvent, remote: bool, address: Ipv6Addr) {
+        let octets = address.octets();
+        let at = if remote { 2 } else { 0 };
+        for (word, chunk) in raw.v6_addresses[at..at + 2].iter_mut().zip(octets.chunks_exact(8)) {
             *word = u64::from_ne_bytes(chunk.try_into().unwrap());
         }
     }
@@ -433,20 +391,19 @@ mod tests {
             state: state_event(EventKind::Close, 4, 7),
             evidence: [0xdead_beef_dead_0000; SockField::COUNT - SockField::IDENTITY],
         };
-        raw.state.common = [0xa5a5_a5a5_a5a5_a5a5; SOCK_COMMON_BYTES / 8];
         raw.state.identity = [0xdead_beef_dead_0000; SockField::IDENTITY];
-        put(&mut raw.state, 16, &2u16.to_ne_bytes());
-        put(&mut raw.state, 12, &40000u16.to_be_bytes());
-        put(&mut raw.state, 4, &[10, 0, 0, 2]);
-        put(&mut raw.state, 0, &[10, 0, 0, 1]);
-        put(&mut raw.state, 96, &0b1_1011u64.to_ne_bytes());
-        raw.state.identity[SockField::SourcePort as usize] =
-            0xdead_beef_dead_0000 | u64::from(8080u16.to_be());
+        raw.state.v6_addresses = [0xa5a5_a5a5_a5a5_a5a5; 4];
+        put(&mut raw.state, SockField::Family, &2u16.to_ne_bytes());
+        put(&mut raw.state, SockField::DestinationPort, &40000u16.to_be_bytes());
+        put(&mut raw.state, SockField::SourceAddr4, &[10, 0, 0, 2]);
+        put(&mut raw.state, SockField::DestinationAddr4, &[10, 0, 0, 1]);
+        put(&mut raw.state, SockField::SourcePort, &8080u16.to_be_bytes());
         let set = |raw: &mut CloseEvent, field: SockField, low: u64, bits: u32| {
             let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
             let word = &mut raw.evidence[field as usize - SockField::IDENTITY];
             *word = (*word & !mask) | low;
         };
+        set(&mut raw, SockField::Flags, 0b1_1011, 64);
         set(&mut raw, SockField::Err, u64::from(110u32), 32);
         set(&mut raw, SockField::Linger2, u64::from((-1i32) as u32), 32);
         set(&mut raw, SockField::Shutdown, 3, 8);
@@ -476,8 +433,8 @@ mod tests {
     #[test]
     fn a_state_event_has_no_evidence() {
         let mut raw = state_event(EventKind::State, 2, 1);
-        put(&mut raw, 16, &2u16.to_ne_bytes());
-        put(&mut raw, 14, &45000u16.to_ne_bytes());
+        put(&mut raw, SockField::Family, &2u16.to_ne_bytes());
+        put(&mut raw, SockField::LocalPort, &45000u16.to_ne_bytes());
         let decoded = Decoder::new(&layout()).decode(&bytes(&raw)).unwrap();
         let SocketEvent::State(change) = decoded else { panic!("not a state event") };
         assert_eq!(change.new, TcpState::Established);
@@ -496,9 +453,9 @@ mod tests {
     #[test]
     fn decodes_ipv6_addresses_and_resets() {
         let mut raw = state_event(EventKind::State, 1, 4);
-        put(&mut raw, 16, &10u16.to_ne_bytes());
-        put(&mut raw, V6_LOCAL, &Ipv6Addr::LOCALHOST.octets());
-        put(&mut raw, V6_REMOTE, &"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        put(&mut raw, SockField::Family, &10u16.to_ne_bytes());
+        put_v6(&mut raw, false, Ipv6Addr::LOCALHOST);
+        put_v6(&mut raw, true, "fd00::2".parse().unwrap());
         let decoder = Decoder::new(&layout());
         let SocketEvent::State(change) = decoder.decode(&bytes(&raw)).unwrap() else { panic!() };
         assert_eq!(change.local.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));

@@ -4,8 +4,8 @@
 //! (`sk_err` is at byte 284 on 6.12 and 544 on 6.1; `sk_protocol` is a bit field on 5.x).
 //! So at startup we look every field up by name in `/sys/kernel/btf/vmlinux` and hand the
 //! byte offsets and load widths to the programs ([`ProgramConfig`]); the programs load
-//! each field at its own width (or, for the fields in the socket's head, copy the whole
-//! head at once) and [`FieldDecoder`] extracts the field (shift, width, sign) in userspace.
+//! each field at its own width and [`FieldDecoder`] extracts the field (shift, width,
+//! sign) in userspace.
 //!
 //! The tracepoints' argument lists come from BTF too (`btf_trace_<name>` prototypes):
 //! `tcp_send_reset` gained its `reason` argument in 6.10.
@@ -13,9 +13,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{
-    ABSENT, BitField, FdWalk, FieldLoad, ProgramConfig, SOCK_COMMON_BYTES, SockField, TaskConfig,
-};
+use observer_common::{ABSENT, BitField, FdWalk, FieldLoad, ProgramConfig, SockField, TaskConfig};
 
 use crate::{error::Error, tcp::ResetReason};
 
@@ -25,14 +23,11 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Tracepoints observer attaches to (as tp_btf programs of the same name).
 pub const TRACEPOINTS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
 
-/// How to extract one field from the word the program loaded (or the head it copied).
+/// How to extract one field from the word the program loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FieldDecoder {
     /// False when this kernel lacks the field; it then decodes as 0.
     pub present: bool,
-    /// Where the field starts in the socket's head ([`observer_common::StateEvent::common`])
-    /// if it lies there; otherwise the program copied its own word.
-    pub common_offset: Option<u8>,
     /// Bit position inside the first byte (non-zero only for bit fields).
     pub shift: u8,
     /// Width in bits (at most 64).
@@ -70,9 +65,6 @@ pub struct KernelLayout {
     pub task_config: TaskConfig,
     /// One decoder per [`SockField`], same order.
     pub fields: [FieldDecoder; SockField::COUNT],
-    /// Where `skc_v6_rcv_saddr` and `skc_v6_daddr` start in the socket's head (None
-    /// without CONFIG_IPV6).
-    pub v6_addresses: Option<(u8, u8)>,
     /// `enum sk_rst_reason` value → reason (empty before 6.10).
     pub reset_reasons: HashMap<u32, ResetReason>,
     /// Fields this kernel does not have (reported once at startup).
@@ -161,15 +153,9 @@ impl KernelLayout {
             let (root, path) = sock_field_path(field);
             match resolver.member(root, path).and_then(|member| Some((member.load()?, member))) {
                 Some((load, member)) => {
-                    let offset = load.offset;
-                    let end = (member.bit_offset + member.bits).div_ceil(8);
-                    let in_head = root == "sock" && end as usize <= SOCK_COMMON_BYTES;
-                    // The programs skip the fields they copy with the head.
-                    config.sock_fields[field as usize] =
-                        if in_head { FieldLoad::ABSENT } else { load };
+                    config.sock_fields[field as usize] = load;
                     fields[field as usize] = FieldDecoder {
                         present: true,
-                        common_offset: in_head.then_some(offset as u8),
                         shift: (member.bit_offset % 8) as u8,
                         bits: member.bits as u8,
                         signed: member.signed,
@@ -187,34 +173,28 @@ impl KernelLayout {
         let byte_offset =
             |root, path: &[&str]| resolver.member(root, path).map(|m| m.bit_offset / 8);
         // Without CONFIG_IPV6 there are no v6 addresses; without CONFIG_NET_NS no netns.
-        // Both must lie in the head the programs copy (they do from 5.10 to 6.18).
-        let in_head = |field: &'static str, offset: u32, size: u32| {
-            if (offset + size) as usize <= SOCK_COMMON_BYTES {
-                Ok(offset as u8)
-            } else {
-                Err(Error::KernelHeadLayout { field })
-            }
+        // The state programs load each address as two words, anywhere inside it.
+        let v6_address = |name: &'static str| match resolver.member("sock", &["__sk_common", name])
+        {
+            Some(member) if member.byte_size == 16 => Ok(member.bit_offset / 8),
+            Some(_) => Err(Error::KernelLayout { field: name }),
+            None => Ok(ABSENT),
         };
-        let v6_local = byte_offset("sock", &["__sk_common", "skc_v6_rcv_saddr"]);
-        let v6_remote = byte_offset("sock", &["__sk_common", "skc_v6_daddr"]);
-        let v6_addresses = match (v6_local, v6_remote) {
-            (Some(local), Some(remote)) => Some((
-                in_head("skc_v6_rcv_saddr", local, 16)?,
-                in_head("skc_v6_daddr", remote, 16)?,
-            )),
-            _ => None,
-        };
-        config.net = match byte_offset("sock", &["__sk_common", "skc_net", "net"]) {
-            Some(offset) if offset % 8 == 0 => u32::from(in_head("skc_net", offset, 8)?),
-            Some(_) => return Err(Error::KernelHeadLayout { field: "skc_net" }),
-            None => ABSENT,
-        };
+        (config.v6_local, config.v6_remote) =
+            match (v6_address("skc_v6_rcv_saddr")?, v6_address("skc_v6_daddr")?) {
+                (ABSENT, _) | (_, ABSENT) => (ABSENT, ABSENT),
+                addresses => addresses,
+            };
         config.cookie =
             byte_offset("sock", &["__sk_common", "skc_cookie", "counter"]).unwrap_or(ABSENT);
-        if config.cookie != ABSENT && !config.cookie.is_multiple_of(8) {
-            return Err(Error::KernelHeadLayout { field: "skc_cookie" });
-        }
-        // The state programs load these two directly, at these widths.
+        // The state programs load these directly, at these widths.
+        config.net = match resolver.member("sock", &["__sk_common", "skc_net", "net"]) {
+            Some(net) if net.load() == Some(FieldLoad { offset: net.bit_offset / 8, size: 8 }) => {
+                net.bit_offset / 8
+            }
+            Some(_) => return Err(Error::KernelLayout { field: "skc_net" }),
+            None => ABSENT,
+        };
         config.net_ns_inum = match resolver.member("net", &["ns", "inum"]) {
             Some(inum)
                 if inum.load() == Some(FieldLoad { offset: inum.bit_offset / 8, size: 4 }) =>
@@ -269,7 +249,7 @@ impl KernelLayout {
         }
         config.valid = 1;
 
-        Ok(Self { config, task_config, fields, v6_addresses, reset_reasons, missing })
+        Ok(Self { config, task_config, fields, reset_reasons, missing })
     }
 
     pub fn decoder(&self, field: SockField) -> FieldDecoder {
@@ -458,24 +438,19 @@ mod tests {
 
     #[test]
     fn decodes_plain_fields_and_bit_fields() {
-        let byte =
-            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 8, signed: false };
+        let byte = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
         assert_eq!(byte.unsigned(0xdead_beef_0000_0103), 3);
-        let int =
-            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 32, signed: true };
+        let int = FieldDecoder { present: true, shift: 0, bits: 32, signed: true };
         assert_eq!(int.signed(0x1234_5678_ffff_ffff), -1);
         assert_eq!(int.signed(0x0000_0000_0000_006e), 110);
         // sk_protocol:8 at bit 8 of its word, as in 5.x.
-        let protocol =
-            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 8, signed: false };
+        let protocol = FieldDecoder { present: true, shift: 0, bits: 8, signed: false };
         assert_eq!(protocol.unsigned(0xff06), 6);
-        let bitfield =
-            FieldDecoder { present: true, common_offset: None, shift: 4, bits: 4, signed: false };
+        let bitfield = FieldDecoder { present: true, shift: 4, bits: 4, signed: false };
         assert_eq!(bitfield.unsigned(0b1010_0000), 0b1010);
         let absent = FieldDecoder::default();
         assert_eq!(absent.unsigned(u64::MAX), 0);
-        let wide =
-            FieldDecoder { present: true, common_offset: None, shift: 0, bits: 64, signed: false };
+        let wide = FieldDecoder { present: true, shift: 0, bits: 64, signed: false };
         assert_eq!(wide.unsigned(u64::MAX), u64::MAX);
     }
 
@@ -530,13 +505,18 @@ mod tests {
         assert_eq!(layout.decoder(SockField::Cookie).bits, 64);
         assert_ne!(layout.config.net_ns_inum, ABSENT);
         assert_eq!(layout.config.protocol.mask, 0xffff);
-        // Direct loads at the members' own widths (head fields come with the head).
+        // Direct loads at the members' own widths.
         let load = |field: SockField| layout.config.sock_fields[field as usize];
         assert_eq!(load(SockField::Err).size, 4);
         assert_eq!(load(SockField::SourcePort).size, 2);
         assert_eq!(load(SockField::Retransmits).size, 1);
         assert_eq!(load(SockField::BytesAcked).size, 8);
         assert_eq!(load(SockField::Socket).size, 8);
-        assert_eq!(load(SockField::Family), FieldLoad::ABSENT);
+        assert_eq!(load(SockField::Family), FieldLoad { offset: 16, size: 2 });
+        assert_eq!(load(SockField::DestinationAddr4), FieldLoad { offset: 0, size: 4 });
+        assert_eq!(load(SockField::Cookie).size, 8);
+        assert_ne!(layout.config.v6_local, ABSENT);
+        assert_ne!(layout.config.v6_remote, ABSENT);
+        assert_ne!(layout.config.net, ABSENT);
     }
 }

@@ -31,15 +31,8 @@ fn config(cases: u32) -> ProptestConfig {
 // ---------------------------------------------------------------- decoder
 
 fn field_decoder() -> impl Strategy<Value = FieldDecoder> {
-    (any::<bool>(), any::<Option<u8>>(), any::<u8>(), any::<u8>(), any::<bool>()).prop_map(
-        |(present, common_offset, shift, bits, signed)| FieldDecoder {
-            present,
-            common_offset,
-            shift,
-            bits,
-            signed,
-        },
-    )
+    (any::<bool>(), any::<u8>(), any::<u8>(), any::<bool>())
+        .prop_map(|(present, shift, bits, signed)| FieldDecoder { present, shift, bits, signed })
 }
 
 /// A layout as BTF could describe it — or as a corrupt BTF could.
@@ -47,16 +40,14 @@ fn layout() -> impl Strategy<Value = KernelLayout> {
     (
         prop::collection::vec(field_decoder(), SockField::COUNT),
         prop::collection::hash_map(any::<u32>(), any_reason_value(), 0..4),
-        any::<Option<(u8, u8)>>(),
     )
-        .prop_map(|(decoders, reset_reasons, v6_addresses)| {
+        .prop_map(|(decoders, reset_reasons)| {
             let mut fields = [FieldDecoder::default(); SockField::COUNT];
             fields.copy_from_slice(&decoders);
             KernelLayout {
                 config: ProgramConfig::UNSET,
                 task_config: TaskConfig::UNSET,
                 fields,
-                v6_addresses,
                 reset_reasons,
                 missing: vec![],
             }
