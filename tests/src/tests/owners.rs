@@ -44,11 +44,15 @@ fn every_verdict_names_the_owning_process_on_both_sides() {
         let mut first = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
         first.write_all(b"hello").expect("write");
         drop(first);
-        let mut second = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
         let mut buffer = [0u8; 16];
-        let reset = second.read(&mut buffer).expect_err("the server resets");
-        assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset);
-        drop(second);
+        // The server resets this one as soon as it has accepted it. When this process is
+        // slow to run again after the handshake (seen in the 6.1 guest under emulation),
+        // the RST is in before connect() returns, and connect() reports it.
+        let reset = match TcpStream::connect((SERVER_V4, PORT)) {
+            Ok(mut second) => second.read(&mut buffer).expect_err("the server resets"),
+            Err(error) => error,
+        };
+        assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset, "{reset}");
         let mut third = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
         sock::set_user_timeout(&third, Duration::from_millis(500));
         cue.ready();
