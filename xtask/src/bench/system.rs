@@ -112,12 +112,17 @@ impl Process {
 
     /// Sends `signal` and waits up to 10 s for the exit, then kills.
     pub fn stop(&mut self, signal: libc::c_int) {
+        self.stop_within(signal, Duration::from_secs(10));
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit, then kills.
+    pub fn stop_within(&mut self, signal: libc::c_int, timeout: Duration) {
         if !self.is_running() {
             return;
         }
         // SAFETY: signals our own child, which has not been reaped (try_wait said running).
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        if !wait_for(Duration::from_secs(10), || !self.is_running()) {
+        if !wait_for(timeout, || !self.is_running()) {
             eprintln!("bench: {} did not stop; killing it", self.name);
             let _ = self.child.kill();
         }
