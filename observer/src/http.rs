@@ -119,7 +119,6 @@ pub struct AppState {
     /// Who held each socket (by inode) when the daemon started, for sockets older than
     /// it that no system call has touched since.
     pub startup_holders: Arc<HashMap<u32, Process>>,
-    pub clock: Clock,
 }
 
 impl AppState {
@@ -220,20 +219,17 @@ async fn connections(
     Query(filter): Query<Filter>,
 ) -> Json<Vec<ConnectionReport>> {
     let mut selected = Vec::new();
+    let clock = Clock::now();
     if filter.status != StatusFilter::Closed && filter.after.is_none() {
         // Listed afresh: the sockets as they are now, not as the last scrape saw them.
         let listed = tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
-        let open = open_connections(&state, &listed);
+        let open = open_connections(&state, &listed, &clock);
         selected.extend(open.into_iter().filter(|report| filter.matches(report)));
     }
     if filter.status != StatusFilter::Open {
         let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
         selected.extend(
-            items
-                .closes
-                .iter()
-                .map(|close| close.report(&state.clock))
-                .filter(|r| filter.matches(r)),
+            items.closes.iter().map(|close| close.report(&clock)).filter(|r| filter.matches(r)),
         );
     }
     if let Some(limit) = filter.limit
@@ -247,7 +243,11 @@ async fn connections(
 /// Every open socket: those the tracker follows (with owner and history), completed
 /// with the inventory's counters, then those only the inventory knows (older than the
 /// daemon and quiet since, TIME_WAIT).
-fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<ConnectionReport> {
+fn open_connections(
+    state: &AppState,
+    namespaces: &[NamespaceSockets],
+    clock: &Clock,
+) -> Vec<ConnectionReport> {
     let live: Vec<_> =
         state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
     let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
@@ -279,7 +279,7 @@ fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<Co
             (role, _) => service_port(role, socket.local, socket.remote),
         };
         let stats = found.and_then(|(diag, _)| diag.stats);
-        reports.push(ConnectionReport::open(socket, stats, port, &state.clock, &mut cgroups));
+        reports.push(ConnectionReport::open(socket, stats, port, clock, &mut cgroups));
     }
     // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
     // continues, which already has its verdict: that one knows the role and the owner.
@@ -302,7 +302,7 @@ fn open_connections(state: &AppState, namespaces: &[NamespaceSockets]) -> Vec<Co
                     report.port = closed.port;
                     report.owner =
                         OwnerReport::with_cgroup(closed.owner.as_ref(), judged.cgroup.clone());
-                    report.opened_at = closed.opened_ns.map(|ns| state.clock.rfc3339(ns));
+                    report.opened_at = closed.opened_ns.map(|ns| clock.rfc3339(ns));
                 } else if let Some(holder) = state.startup_holders.get(&socket.inode) {
                     report.owner = OwnerReport::new(Some(holder), &mut cgroups);
                 }

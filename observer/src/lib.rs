@@ -101,7 +101,6 @@ fn log_unknown(report: &ConnectionReport) {
 /// Feeds `/connections`, the log, and `--debug.events-file`.
 struct DaemonSink {
     recent: Arc<RecentConnections>,
-    clock: Clock,
     cgroups: Arc<Mutex<CgroupNames>>,
     events_file: Option<BufWriter<File>>,
 }
@@ -124,7 +123,7 @@ impl Sink for DaemonSink {
             self.cgroups.lock().unwrap_or_else(PoisonError::into_inner).resolve(owner.cgroup_id)
         });
         if connection.verdict.cause == Cause::Unknown {
-            log_unknown(&ConnectionReport::closed(&connection, &self.clock, cgroup.clone()));
+            log_unknown(&ConnectionReport::closed(&connection, &Clock::now(), cgroup.clone()));
         }
         self.recent.push(connection, cgroup);
     }
@@ -178,7 +177,6 @@ pub async fn run_daemon(
     let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
     let inventory = Arc::new(Inventory::new());
     let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
-    let clock = Clock::now();
     // The first inventory: sockets older than the daemon are counted from the start.
     let first = Arc::clone(&inventory);
     if let Ok(snapshot) =
@@ -217,7 +215,6 @@ pub async fn run_daemon(
         inventory,
         cgroups: Arc::clone(&cgroups),
         startup_holders,
-        clock,
     }));
     let server_stop = shutdown.clone();
     let scheme = if web_config.tls.is_some() { "https" } else { "http" };
@@ -247,7 +244,7 @@ pub async fn run_daemon(
     };
     log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink { recent, clock, cgroups, events_file };
+    let sink = DaemonSink { recent, cgroups, events_file };
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
     let result = pipeline.run(shutdown.clone()).await;
     healthy.store(false, Ordering::Relaxed);
@@ -301,7 +298,6 @@ fn spawn_inventory_refresh(
 /// Prints verdicts (or raw events) to stdout.
 struct WatchSink {
     args: WatchArgs,
-    clock: Clock,
     cgroups: CgroupNames,
     stop: CancellationToken,
 }
@@ -329,7 +325,7 @@ impl Sink for WatchSink {
         {
             return;
         }
-        let report = ConnectionReport::new(&connection, &self.clock, &mut self.cgroups);
+        let report = ConnectionReport::new(&connection, &Clock::now(), &mut self.cgroups);
         log_unknown(&report);
         if self.args.json {
             self.print(&serde_json::to_string(&report).unwrap_or_default());
@@ -347,12 +343,8 @@ pub async fn run_watch(
 ) -> Result<(), Error> {
     let (layout, attached) = attach(&common)?;
     let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
-    let sink = WatchSink {
-        args: args.clone(),
-        clock: Clock::now(),
-        cgroups: CgroupNames::new(),
-        stop: shutdown.clone(),
-    };
+    let sink =
+        WatchSink { args: args.clone(), cgroups: CgroupNames::new(), stop: shutdown.clone() };
     log::info!("attached; printing connections as they close (Ctrl-C to stop)");
     if !args.json && !args.events {
         sink.print(&ConnectionReport::header());

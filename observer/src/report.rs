@@ -129,7 +129,11 @@ fn family(address: &SocketAddr) -> &'static str {
     if address.is_ipv6() { "ipv6" } else { "ipv4" }
 }
 
-/// Converts kernel CLOCK_MONOTONIC timestamps to wall-clock time.
+/// Converts kernel CLOCK_MONOTONIC timestamps to wall-clock time, as the wall clock is
+/// when [`Clock::now`] is called. Take one per report, not one per daemon: the wall clock
+/// may be stepped after start (NTP, a resumed virtual machine), and a daemon that kept
+/// its first offset reported every later close that much off — seconds before the
+/// actual time, so that clients comparing with their own clock lost them.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     /// Wall-clock minus monotonic time, in nanoseconds.
