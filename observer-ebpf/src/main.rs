@@ -513,8 +513,8 @@ unsafe fn write_state(
             None => read_pointer(socket.sk, config!(cookie)),
         };
         (*event).header = header(kind, stamp, socket.sk, cookie);
-        // Direct loads, not one copy of the socket's head: a `bpf_probe_read_kernel` of
-        // its 112 bytes was 15 % of this program, and 72 of them went unused.
+        // Direct loads, not one `bpf_probe_read_kernel` of the socket's first 112 bytes
+        // (72 of them unused): a helper call fewer, and records a third smaller.
         let identity = addr_of_mut!((*event).identity).cast::<u64>();
         let mut i = 0;
         while i < SockField::IDENTITY {
