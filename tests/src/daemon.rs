@@ -188,6 +188,12 @@ impl Connection {
         (self.class.as_str(), self.cause.as_str())
     }
 
+    /// Closed after `namespace` was made: a verdict of an older namespace that had the
+    /// same inode is not.
+    fn closed_after(&self, namespace: &Namespace) -> bool {
+        humantime::parse_rfc3339(&self.closed_at).expect("closed_at") >= namespace.created_at
+    }
+
     /// (pid, comm) of the owner, or None for "unknown".
     pub fn owner(&self) -> Option<(u32, String)> {
         let pid = self.owner.get("pid")?.as_u64()? as u32;
@@ -208,18 +214,48 @@ impl Daemon {
 
     /// Verdicts on connections of `namespace`, oldest first.
     pub fn connections(&self, namespace: &Namespace) -> Vec<Connection> {
+        self.connections_in(namespace).into_iter().filter(|c| c.closed_after(namespace)).collect()
+    }
+
+    /// Verdicts with the namespace's inode since it was made, its own or not.
+    fn connections_in(&self, namespace: &Namespace) -> Vec<Connection> {
         let body = self.get(&format!(
             "/connections?status=closed&netns={}&after={}",
             namespace.inode(),
             namespace.first_seq
         ));
-        let all: Vec<Connection> = serde_json::from_str(&body)
-            .unwrap_or_else(|error| panic!("bad JSON ({error}): {body}"));
-        all.into_iter()
-            .filter(|c| {
-                humantime::parse_rfc3339(&c.closed_at).expect("closed_at") >= namespace.created_at
-            })
-            .collect()
+        serde_json::from_str(&body).unwrap_or_else(|error| panic!("bad JSON ({error}): {body}"))
+    }
+
+    /// What a failed count should say besides the verdicts: the sockets the daemon gave
+    /// up on, the events it lost, and verdicts it made in this namespace's inode that
+    /// are older than the namespace.
+    fn missing_verdicts_report(&self, namespace: &Namespace) -> String {
+        let older: Vec<String> = self
+            .connections_in(namespace)
+            .into_iter()
+            .filter(|c| !c.closed_after(namespace))
+            .map(|c| format!("seq {} closed at {} {} -> {}", c.seq, c.closed_at, c.local, c.remote))
+            .collect();
+        let open: Vec<serde_json::Value> = serde_json::from_str(
+            &self.get(&format!("/connections?status=open&netns={}", namespace.inode())),
+        )
+        .unwrap_or_default();
+        let open: Vec<String> = open
+            .iter()
+            .map(|c| format!("{} -> {} {} {}", c["local"], c["remote"], c["state"], c["states"]))
+            .collect();
+        format!(
+            "namespace made at {}; verdicts on its inode closed before that: {older:?}; \
+             open sockets there now: {open:?}; \
+             sockets dropped: {} replaced, {} over capacity; events lost: {}; \
+             the kernel's view (ss -tino):\n{}",
+            humantime::format_rfc3339_micros(namespace.created_at),
+            self.metric_sum("observer_tracker_dropped_sockets_total", &[("reason", "replaced")]),
+            self.metric_sum("observer_tracker_dropped_sockets_total", &[("reason", "capacity")]),
+            self.metric_sum("observer_events_lost_total", &[]),
+            namespace.exec(&["ss", "-t", "-i", "-n", "-o", "-a"]),
+        )
     }
 
     /// `seq` of the newest verdict so far.
@@ -246,13 +282,15 @@ impl Daemon {
             seen = self.connections(namespace);
             seen.len() >= count
         });
-        assert_eq!(
-            seen.len(),
-            count,
-            "expected {count} verdict(s) in {}, got {seen:#?}\ndaemon log:\n{}",
-            namespace.name(),
-            self.log_tail()
-        );
+        if seen.len() != count {
+            panic!(
+                "expected {count} verdict(s) in {}, got {}: {seen:#?}\n{}\ndaemon log:\n{}",
+                namespace.name(),
+                seen.len(),
+                self.missing_verdicts_report(namespace),
+                self.log_tail()
+            );
+        }
         seen
     }
 

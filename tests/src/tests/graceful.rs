@@ -116,11 +116,24 @@ fn simultaneous_close() {
     });
     assert!(retrying, "FINs not retransmitted twice while the link was black-holed");
     pair.heal();
+    // Usually both FINs cross and both sides go through CLOSING. But when one side's
+    // retransmitted FIN arrives first (seen once in ~30 runs here), its peer's ACK
+    // reaches it before the peer's FIN: that side goes FIN_WAIT1 -> FIN_WAIT2 -> TIME_WAIT,
+    // an active close, while the peer still went through CLOSING. The first FIN to
+    // arrive always finds its receiver in FIN_WAIT1, so at least one side is simultaneous,
+    // and each verdict must agree with the states that side went through.
+    let mut simultaneous = 0;
     for (namespace, role) in [(&pair.client, "client"), (&pair.server, "server")] {
         let verdict = daemon().verdict(namespace);
-        assert_verdict(&verdict, role, "fin", "simultaneous");
-        assert!(verdict.states.contains(&"closing".to_string()), "{verdict:#?}");
+        if verdict.states.contains(&"closing".to_string()) {
+            assert_verdict(&verdict, role, "fin", "simultaneous");
+            simultaneous += 1;
+        } else {
+            assert_verdict(&verdict, role, "fin", "active");
+            assert!(verdict.states.contains(&"fin_wait2".to_string()), "{verdict:#?}");
+        }
     }
+    assert!(simultaneous >= 1, "neither side went through CLOSING");
 }
 
 /// `kill -9` of the process holding the connection: the kernel sends the FIN.
@@ -173,6 +186,12 @@ fn one_socket_on_two_cpus() {
     let online = std::thread::available_parallelism().map_or(1, usize::from);
     assert!(online >= 2, "needs two CPUs, has {online}");
     let pair = Pair::new();
+    // An orphan whose last ACK is processed while close() still owns the socket stays a
+    // full socket in FIN_WAIT2 on its keepalive timer, for tcp_fin_timeout, and is then
+    // reset (seen in ~1 run in 20: one of the 200 still in FIN_WAIT2 after 20 s, the
+    // kernel's timer at 39 s). With a 1 s timeout that ending comes in time too.
+    pair.client.sysctl("net.ipv4.tcp_fin_timeout", "1");
+    let client_mib = Mib::snapshot(&pair.client);
     let listener = pair.listen(7020);
     let mut servers = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
@@ -184,12 +203,20 @@ fn one_socket_on_two_cpus() {
         sock::on_cpu(0, || drop(client));
         servers.push(server);
     }
+    // The transitions, from both CPUs' rings, are the same on either ending; the ones
+    // the FIN_WAIT2 timer ended are timeouts, each with the RST the kernel counted.
+    let mut timed_out = 0;
     for connection in daemon().verdicts(&pair.client, CONNECTIONS) {
-        assert_eq!(connection.verdict(), ("fin", "active"), "{connection:?}");
         assert_eq!(
             connection.states,
             ["syn_sent", "established", "fin_wait1", "fin_wait2", "close"],
             "{connection:?}"
         );
+        match connection.verdict() {
+            ("fin", "active") => {}
+            ("timeout", "fin_wait2") => timed_out += 1,
+            other => panic!("unexpected verdict {other:?}: {connection:?}"),
+        }
     }
+    client_mib.assert_deltas(&[("TcpOutRsts", timed_out)]);
 }
