@@ -223,6 +223,10 @@ pub struct ProgramConfig {
     /// If non-zero, only sockets of the network namespace with this inode number are
     /// recorded (`--debug.only-netns`: exact accounting in tests on a busy host).
     pub only_netns: u32,
+    /// If non-zero, every program returns before doing anything (`--debug.empty-programs`:
+    /// the benchmark's measure of what the attachments alone cost). Off, the test costs
+    /// one load and one branch per run.
+    pub return_at_once: u32,
     /// Non-zero once the daemon filled this in; the programs do nothing until then.
     pub valid: u32,
 }
@@ -279,6 +283,7 @@ impl ProgramConfig {
         state: ABSENT,
         send_reset_reason_arg: ABSENT,
         only_netns: 0,
+        return_at_once: 0,
         valid: 0,
     };
 }
@@ -401,7 +406,7 @@ const _: () = assert!(size_of::<OwnerEvent>() == 64);
 const _: () = assert!(
     align_of::<CloseEvent>() <= 8 && align_of::<ResetEvent>() <= 8 && align_of::<OwnerEvent>() <= 8
 );
-const _: () = assert!(size_of::<ProgramConfig>() == 4 * (2 * SockField::COUNT + 2 + 3 + 3 + 4));
+const _: () = assert!(size_of::<ProgramConfig>() == 4 * (2 * SockField::COUNT + 2 + 3 + 3 + 5));
 const _: () = assert!(size_of::<TaskConfig>() == 4 * (8 + 4));
 
 #[cfg(feature = "user")]

@@ -255,6 +255,9 @@ macro_rules! primary_and_standby {
     ($tracepoint:tt, $slot:expr, $key:ident, $record:ident, $primary:ident, $standby:ident) => {
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $primary(ctx: BtfTracePointContext) -> i32 {
+            if config!(return_at_once) != 0 {
+                return 0;
+            }
             let key = $key(&ctx);
             as_primary($slot, key, || $record(&ctx, &key));
             0
@@ -262,6 +265,9 @@ macro_rules! primary_and_standby {
 
         #[btf_tracepoint(function = $tracepoint)]
         pub fn $standby(ctx: BtfTracePointContext) -> i32 {
+            if config!(return_at_once) != 0 {
+                return 0;
+            }
             as_standby($slot, || $key(&ctx), |key| $record(&ctx, key));
             0
         }
@@ -632,7 +638,7 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn accepted(ctx: &TracePointContext) {
     let task_config = TASK_CONFIG.load();
-    if config!(valid) == 0 || task_config.accept_ret == ABSENT {
+    if config!(return_at_once) != 0 || config!(valid) == 0 || task_config.accept_ret == ABSENT {
         return;
     }
     // SAFETY: `accept_ret` is the offset of `long ret` in this record (tracefs format).

@@ -122,6 +122,11 @@ pub struct CommonArgs {
     /// need exact event counts on a busy host).
     #[arg(long = "debug.only-netns", value_name = "INODE", hide = true, global = true)]
     pub only_netns: Option<u32>,
+
+    /// Attach every program but have each return at once, recording nothing: what the
+    /// hooks alone cost (`cargo xtask bench`'s "observer-hooks" row).
+    #[arg(long = "debug.empty-programs", hide = true, global = true)]
+    pub empty_programs: bool,
 }
 
 #[derive(Debug, Clone, Args)]

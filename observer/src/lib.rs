@@ -81,6 +81,7 @@ fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error
     loader::check_privileges()?;
     let mut layout = KernelLayout::from_btf_file(&common.btf_path)?;
     layout.config.only_netns = common.only_netns.unwrap_or(0);
+    layout.config.return_at_once = common.empty_programs.into();
     if !layout.missing.is_empty() {
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }

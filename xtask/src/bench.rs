@@ -51,8 +51,8 @@ pub struct Options {
     /// 0 skips them.
     #[arg(long, default_value_t = 50_000)]
     idle: usize,
-    /// Configurations besides "none", comma-separated: observer, bpftrace,
-    /// libbpf-tools, observer-idle (default: all).
+    /// Configurations besides "none", comma-separated: observer, observer-hooks,
+    /// bpftrace, libbpf-tools, observer-idle (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra flag for the observer daemon (repeatable), e.g. --daemon-arg=--bpf.ring-buffer-bytes=1048576.
@@ -64,15 +64,19 @@ pub struct Options {
 enum Config {
     None,
     Observer,
+    /// The daemon with every program attached but returning at once: what the
+    /// attachments alone cost, the floor under any program on these hooks.
+    ObserverHooks,
     Bpftrace,
     LibbpfTools,
     ObserverIdle,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::None,
         Config::Observer,
+        Config::ObserverHooks,
         Config::Bpftrace,
         Config::LibbpfTools,
         Config::ObserverIdle,
@@ -82,6 +86,7 @@ impl Config {
         match self {
             Config::None => "none",
             Config::Observer => "observer",
+            Config::ObserverHooks => "observer-hooks",
             Config::Bpftrace => "bpftrace",
             Config::LibbpfTools => "libbpf-tools",
             Config::ObserverIdle => "observer-idle",
@@ -294,7 +299,7 @@ fn selected(options: &Options) -> anyhow::Result<Vec<Config>> {
     for name in &options.only {
         if !Config::ALL.iter().any(|config| config.name() == name) {
             bail!(
-                "--only {name}: unknown configuration (observer, bpftrace, libbpf-tools, observer-idle)"
+                "--only {name}: unknown configuration (observer, observer-hooks, bpftrace, libbpf-tools, observer-idle)"
             );
         }
     }
@@ -430,7 +435,7 @@ impl Bench<'_> {
             Running { processes: Vec::new(), daemon: None, lost_counters: Vec::new(), idle: None };
         match config {
             Config::None => {}
-            Config::Observer | Config::ObserverIdle => {
+            Config::Observer | Config::ObserverIdle | Config::ObserverHooks => {
                 let port = free_port()?;
                 let mut command = std::process::Command::new(target_dir().join("release/observer"));
                 command
@@ -438,6 +443,7 @@ impl Bench<'_> {
                     // Losses are in the table; one warning per lost record would flood it.
                     .arg("--log.level=error")
                     .args(&self.options.daemon_args)
+                    .args((config == Config::ObserverHooks).then_some("--debug.empty-programs"))
                     .stdout(system::null());
                 let mut process = Process::spawn("observer", &mut command)?;
                 let daemon = Daemon::new(process.pid(), port);
@@ -450,7 +456,10 @@ impl Bench<'_> {
                 if config == Config::ObserverIdle {
                     running.idle = Some(self.hold_idle(&daemon)?);
                 }
-                running.daemon = Some(daemon);
+                // Its programs record nothing: only the throughput and their run time count.
+                if config.is_observer() {
+                    running.daemon = Some(daemon);
+                }
                 running.processes.push(process);
             }
             Config::Bpftrace => {
@@ -834,6 +843,7 @@ fn table(
                 "observer + {idle} idle connections ({} tracked sockets)",
                 measures.iter().filter_map(|m| m.tracked_sockets).max().unwrap_or(0)
             ),
+            Config::ObserverHooks => "observer's hooks, programs returning at once".to_string(),
             _ => config.name().to_string(),
         };
         let _ = writeln!(
