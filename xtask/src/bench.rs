@@ -210,6 +210,9 @@ struct Measure {
     setup_lost: Option<u64>,
     /// Lost while the idle connections all closed at once, after the churn.
     teardown_lost: Option<u64>,
+    /// The no-observer rate this one is compared with: the mean of the `none` runs just
+    /// before and just after it (a `none` run's own rate).
+    baseline: f64,
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -248,36 +251,32 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         Bench { options: &options, namespace: &namespace, libbpf_tools: libbpf_tools.as_ref() };
 
     let mut results: HashMap<&'static str, Vec<Measure>> = HashMap::new();
+    let tools: Vec<Config> = configs.iter().copied().filter(|&c| c != Config::None).collect();
+    let measure = |round: u32, config: Config| -> anyhow::Result<Measure> {
+        system::check_interrupted()?;
+        let measure =
+            bench.measure(config).with_context(|| format!("round {round}, {}", config.name()))?;
+        report(round, options.rounds, config, &measure);
+        Ok(measure)
+    };
     for round in 1..=options.rounds {
-        // Each round starts one configuration later, so no configuration always runs
-        // first (or right after a heavier one).
-        let start = (round as usize - 1) % configs.len();
-        for &config in configs[start..].iter().chain(&configs[..start]) {
-            system::check_interrupted()?;
-            let measure = bench
-                .measure(config)
-                .with_context(|| format!("round {round}, {}", config.name()))?;
-            let lost = match (measure.lost, measure.cost) {
-                (Some(lost), Some(cost)) if lost > 0 => format!(
-                    ", {lost} events lost ({} runs skipped by the kernel as nested)",
-                    cost.bpf.recursion_misses
-                ),
-                (Some(lost), _) if lost > 0 => format!(", {lost} events lost"),
-                _ => String::new(),
-            };
-            let cost = measure
-                .cost
-                .map(|cost| format!(", {:.0} with BPF statistics on", cost.connections_per_second))
-                .unwrap_or_default();
-            println!(
-                "bench: round {round}/{}: {:<13} {:>9.0} connections/s ({} threads){cost}{lost}",
-                options.rounds,
-                config.name(),
-                measure.connections_per_second,
-                measure.threads
-            );
-            results.entry(config.name()).or_default().push(measure);
+        // This machine's speed drifts by ±10 % within minutes: each tool runs between
+        // two `none` runs and is compared with their mean. Each round also starts one
+        // tool later, so no tool always runs first (or right after a heavier one).
+        let start = (round as usize - 1) % tools.len().max(1);
+        let mut before = measure(round, Config::None)?;
+        before.baseline = before.connections_per_second;
+        for &config in tools[start..].iter().chain(&tools[..start]) {
+            let mut measured = measure(round, config)?;
+            let mut after = measure(round, Config::None)?;
+            after.baseline = after.connections_per_second;
+            measured.baseline =
+                (before.connections_per_second + after.connections_per_second) / 2.0;
+            results.entry(Config::None.name()).or_default().push(before);
+            results.entry(config.name()).or_default().push(measured);
+            before = after;
         }
+        results.entry(Config::None.name()).or_default().push(before);
     }
     let after = system::foreign_tracing_programs();
     warn_foreign(&after);
@@ -285,6 +284,28 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     println!("{}\n", system::machine());
     print!("{}", table(&configs, &results, options.idle, !foreign.is_empty() || !after.is_empty()));
     Ok(())
+}
+
+/// One line per run, as it ends.
+fn report(round: u32, rounds: u32, config: Config, measure: &Measure) {
+    let lost = match (measure.lost, measure.cost) {
+        (Some(lost), Some(cost)) if lost > 0 => format!(
+            ", {lost} events lost ({} runs skipped by the kernel as nested)",
+            cost.bpf.recursion_misses
+        ),
+        (Some(lost), _) if lost > 0 => format!(", {lost} events lost"),
+        _ => String::new(),
+    };
+    let cost = measure
+        .cost
+        .map(|cost| format!(", {:.0} with BPF statistics on", cost.connections_per_second))
+        .unwrap_or_default();
+    println!(
+        "bench: round {round}/{rounds}: {:<14} {:>9.0} connections/s ({} threads){cost}{lost}",
+        config.name(),
+        measure.connections_per_second,
+        measure.threads
+    );
 }
 
 fn selected(options: &Options) -> anyhow::Result<Vec<Config>> {
@@ -743,7 +764,6 @@ fn table(
             .map(|m| m.iter().map(|m| m.connections_per_second).collect())
             .unwrap_or_default()
     };
-    let baseline = rates(Config::None);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -818,21 +838,20 @@ fn table(
         };
         let rss = mib(measures.iter().filter_map(|m| m.rss_kib).max());
         let peak_rss = mib(measures.iter().filter_map(|m| m.peak_rss_kib).max());
-        // Ratios are taken round by round (each against the baseline of its own round),
-        // then the median: a neighbour's compile burst spoils one round, not the table.
+        // Each run's ratio is against the `none` runs either side of it, then the median
+        // over the rounds: a neighbour's compile burst spoils one round, not the table.
         let rate = median(rates(config));
         let ratio = median(
-            rates(config).iter().zip(&baseline).map(|(rate, base)| rate / base.max(1.0)).collect(),
+            measures.iter().map(|m| m.connections_per_second / m.baseline.max(1.0)).collect(),
         );
         let ratio_with_stats = match config {
             Config::None => "1.000".to_string(),
             _ if !costs.is_empty() && costs.len() == measures.len() => format!(
                 "{:.3}",
                 median(
-                    costs
+                    measures
                         .iter()
-                        .zip(&baseline)
-                        .map(|(cost, base)| cost.connections_per_second / base.max(1.0))
+                        .filter_map(|m| Some(m.cost?.connections_per_second / m.baseline.max(1.0)))
                         .collect()
                 )
             ),
