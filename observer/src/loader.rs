@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, Map, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FExit, ProgramError, TracePoint},
 };
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
 
@@ -128,8 +128,13 @@ pub fn check_privileges() -> Result<(), Error> {
     Err(Error::Privileges { missing: missing.join(", ") })
 }
 
-/// The system calls that hand a process an accepted socket (classic tracepoints: the
-/// per-syscall events exist only in tracefs).
+/// The kernel function every TCP accept goes through, and the program that runs when it
+/// returns (a BPF trampoline: only accept() calls pay for it).
+const ACCEPT_FUNCTION: (&str, &str) = ("inet_accept", "inet_accept_exit");
+
+/// Where the kernel has no trampolines: the system calls that hand a process an
+/// accepted socket (classic tracepoints: the per-syscall events exist only in tracefs).
+/// Enabling them sends every system call of every task through the tracing slow path.
 const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
 /// Default size of each CPU's ring buffer: 4 MiB per CPU up to 4 CPUs (a 2-CPU host at
@@ -156,10 +161,11 @@ pub fn load(
 ) -> Result<Attached, Error> {
     raise_memlock_limit();
     let mut task_config = layout.task_config;
+    // Read before the load (the offset is patched into the programs), needed only if
+    // the trampoline on inet_accept() cannot be attached.
     let accept_format = accept_record_offset();
-    match &accept_format {
-        Ok(offset) => task_config.accept_ret = *offset,
-        Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
+    if let Ok(offset) = &accept_format {
+        task_config.accept_ret = *offset;
     }
     let cpus = aya::util::nr_cpus()
         .ok()
@@ -207,10 +213,26 @@ pub fn load(
         }
     }
 
-    if accept_format.is_ok() {
-        for name in ACCEPT_PROGRAMS {
-            if let Err(reason) = attach_syscall_exit(&mut ebpf, name) {
-                log::warn!("owners of sockets returned by {name} will be unknown: {reason}");
+    match attach_accept_exit(&mut ebpf, &btf) {
+        Ok(()) => log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0),
+        Err(reason) => {
+            log::info!(
+                "owners of accepted sockets: from the accept() system-call tracepoints, which \
+                 make every system call on the host slower (cannot trace {}() returning: \
+                 {reason})",
+                ACCEPT_FUNCTION.0
+            );
+            match &accept_format {
+                Ok(_) => {
+                    for name in ACCEPT_PROGRAMS {
+                        if let Err(reason) = attach_syscall_exit(&mut ebpf, name) {
+                            log::warn!(
+                                "owners of sockets returned by {name} will be unknown: {reason}"
+                            );
+                        }
+                    }
+                }
+                Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
             }
         }
     }
@@ -300,6 +322,18 @@ fn accept_record_offset() -> Result<u32, String> {
         .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     kernel_layout::tracepoint_field_offset(&format, "ret")
         .ok_or_else(|| format!("no `ret` field in {}", path.display()))
+}
+
+fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
+    let (function, name) = ACCEPT_FUNCTION;
+    let program: &mut FExit = ebpf
+        .program_mut(name)
+        .ok_or("not in the object")?
+        .try_into()
+        .map_err(|error: ProgramError| error.to_string())?;
+    program.load(function, btf).map_err(|error| error_chain(&error))?;
+    program.attach().map_err(|error| error_chain(&error))?;
+    Ok(())
 }
 
 fn attach_syscall_exit(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {

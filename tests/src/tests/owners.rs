@@ -136,3 +136,38 @@ fn optional_labels_name_the_process_and_namespace() {
     labeled.stop();
     assert!(counted, "no close labelled {labels:?}:\n{exposition}");
 }
+
+/// A server-side socket the kernel closes on its own (the peer's RST, handled in
+/// softirq) is owned by the process that accepted it: only the accept() capture (a
+/// trampoline on inet_accept(), or the accept() system-call tracepoints) can tell.
+#[test]
+fn a_reset_accepted_socket_names_the_process_that_accepted_it() {
+    const ACCEPTED_PORT: u16 = 7605;
+    let pair = Pair::new();
+    let mut server = Actor::spawn("obs-acceptor", &pair.server, |cue| {
+        let listener = TcpListener::bind((SERVER_V4, ACCEPTED_PORT)).expect("bind");
+        cue.ready();
+        let (accepted, _) = listener.accept().expect("accept");
+        cue.ready();
+        // Held, untouched, until the peer's RST has closed it.
+        cue.wait();
+        drop(accepted);
+    });
+    server.until_ready();
+    let mut client = Actor::spawn("obs-resetter", &pair.client, |cue| {
+        let stream = TcpStream::connect((SERVER_V4, ACCEPTED_PORT)).expect("connect");
+        cue.ready();
+        cue.wait();
+        sock::set_linger_zero(&stream);
+        drop(stream);
+    });
+    client.until_ready();
+    server.until_ready();
+    client.go();
+    client.join();
+    let server_side = daemon().verdicts(&pair.server, 1);
+    assert_eq!(sorted_verdicts(&server_side, "server"), [("rst", "received")]);
+    assert_owner(&server_side[0], server.pid, "obs-acceptor", &pair.server);
+    server.go();
+    server.join();
+}
