@@ -210,6 +210,9 @@ struct Measure {
     setup_lost: Option<u64>,
     /// Lost while the idle connections all closed at once, after the churn.
     teardown_lost: Option<u64>,
+    /// What a `getppid()` costs while the tool runs (every process on the host pays it
+    /// for every system call).
+    syscall_ns: f64,
     /// The no-observer rate this one is compared with: the mean of the `none` runs just
     /// before and just after it (a `none` run's own rate).
     baseline: f64,
@@ -284,6 +287,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     println!("{}\n", system::machine());
     print!("{}", table(&configs, &results, options.idle, !foreign.is_empty() || !after.is_empty()));
     Ok(())
+}
+
+/// What one system call costs a process while the tool runs: the best of three batches
+/// of `getppid()`, the cheapest call there is. A tool that enables any syscall
+/// tracepoint sends every call of every task through the tracing slow path.
+fn syscall_ns() -> f64 {
+    const CALLS: u32 = 1_000_000;
+    (0..3)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            for _ in 0..CALLS {
+                // SAFETY: getppid has no arguments and cannot fail.
+                std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+            }
+            started.elapsed().as_nanos() as f64 / f64::from(CALLS)
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// One line per run, as it ends.
@@ -371,6 +391,7 @@ impl Bench<'_> {
 
         let mut measure = Measure {
             connections_per_second: churn.connections_per_second,
+            syscall_ns: syscall_ns(),
             threads: churn.threads,
             failed: churn.failed.total(),
             ..Measure::default()
@@ -767,9 +788,9 @@ fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB |"
+        "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &config in configs {
         let Some(measures) = results.get(config.name()) else { continue };
         let total = |f: &dyn Fn(&Measure) -> Option<u64>| -> Option<u64> {
@@ -841,6 +862,7 @@ fn table(
         // Each run's ratio is against the `none` runs either side of it, then the median
         // over the rounds: a neighbour's compile burst spoils one round, not the table.
         let rate = median(rates(config));
+        let syscall = median(measures.iter().map(|m| m.syscall_ns).collect());
         let ratio = median(
             measures.iter().map(|m| m.connections_per_second / m.baseline.max(1.0)).collect(),
         );
@@ -867,7 +889,7 @@ fn table(
         };
         let _ = writeln!(
             out,
-            "| {name} | {rate:.0} | {ratio:.3} | {ratio_with_stats} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} |",
+            "| {name} | {rate:.0} | {ratio:.3} | {ratio_with_stats} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} | {syscall:.0} |",
         );
     }
     let teardown_lost: Option<u64> =
