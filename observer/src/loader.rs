@@ -69,6 +69,10 @@ pub struct LostEvents {
     primaries: Vec<RawFd>,
     /// The primaries' misses at the previous reading.
     previous_misses: Vec<u64>,
+    /// Programs without a standby twin (the fexit on `inet_accept()`, which a task can
+    /// reach while another is preempted inside it on the same CPU): every run the
+    /// kernel skipped is lost.
+    unshadowed: Vec<RawFd>,
 }
 
 impl LostEvents {
@@ -91,6 +95,7 @@ impl LostEvents {
             skipped += misses.saturating_sub(handled);
             self.previous_misses[index] = recursion_misses(*fd);
         }
+        skipped += self.unshadowed.iter().map(|fd| recursion_misses(*fd)).sum::<u64>();
         (ring_full, skipped)
     }
 }
@@ -213,8 +218,12 @@ pub fn load(
         }
     }
 
+    let mut unshadowed = Vec::new();
     match attach_accept_exit(&mut ebpf, &btf) {
-        Ok(()) => log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0),
+        Ok(fd) => {
+            unshadowed.push(fd);
+            log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0);
+        }
         Err(reason) => {
             log::info!(
                 "owners of accepted sockets: from the accept() system-call tracepoints, which \
@@ -252,7 +261,7 @@ pub fn load(
         }
     };
     let previous_misses = primaries.iter().map(|fd| recursion_misses(*fd)).collect();
-    let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses };
+    let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses, unshadowed };
     Ok(Attached { rings, lost, logger })
 }
 
@@ -324,7 +333,7 @@ fn accept_record_offset() -> Result<u32, String> {
         .ok_or_else(|| format!("no `ret` field in {}", path.display()))
 }
 
-fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
+fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<RawFd, String> {
     let (function, name) = ACCEPT_FUNCTION;
     let program: &mut FExit = ebpf
         .program_mut(name)
@@ -333,7 +342,8 @@ fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), String> {
         .map_err(|error: ProgramError| error.to_string())?;
     program.load(function, btf).map_err(|error| error_chain(&error))?;
     program.attach().map_err(|error| error_chain(&error))?;
-    Ok(())
+    let fd = program.fd().map_err(|error| error.to_string())?;
+    Ok(fd.as_fd().as_raw_fd())
 }
 
 fn attach_syscall_exit(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
