@@ -218,33 +218,9 @@ pub fn load(
         }
     }
 
-    let mut unshadowed = Vec::new();
-    match attach_accept_exit(&mut ebpf, &btf) {
-        Ok(fd) => {
-            unshadowed.push(fd);
-            log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0);
-        }
-        Err(reason) => {
-            log::info!(
-                "owners of accepted sockets: from the accept() system-call tracepoints, which \
-                 make every system call on the host slower (cannot trace {}() returning: \
-                 {reason})",
-                ACCEPT_FUNCTION.0
-            );
-            match &accept_format {
-                Ok(_) => {
-                    for name in ACCEPT_PROGRAMS {
-                        if let Err(reason) = attach_syscall_exit(&mut ebpf, name) {
-                            log::warn!(
-                                "owners of sockets returned by {name} will be unknown: {reason}"
-                            );
-                        }
-                    }
-                }
-                Err(reason) => log::warn!("owners of accepted sockets will be unknown: {reason}"),
-            }
-        }
-    }
+    // The fexit program has no standby twin: every run the kernel skipped is lost.
+    let unshadowed: Vec<RawFd> =
+        attach_owner_capture(&mut ebpf, &btf, &accept_format).into_iter().collect();
 
     let counters = ebpf
         .take_map("LOST")
@@ -331,6 +307,38 @@ fn accept_record_offset() -> Result<u32, String> {
         .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     kernel_layout::tracepoint_field_offset(&format, "ret")
         .ok_or_else(|| format!("no `ret` field in {}", path.display()))
+}
+
+/// Attaches what names the owner of an accepted socket: the fexit program on
+/// `inet_accept()` (its descriptor is returned), else the system-call fallback, whose
+/// record offset `accept_format` holds.
+fn attach_owner_capture(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    accept_format: &Result<u32, String>,
+) -> Option<RawFd> {
+    let reason = match attach_accept_exit(ebpf, btf) {
+        Ok(fd) => {
+            log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0);
+            return Some(fd);
+        }
+        Err(reason) => reason,
+    };
+    log::info!(
+        "owners of accepted sockets: from the accept() system-call tracepoints, which make \
+         every system call on the host slower (cannot trace {}() returning: {reason})",
+        ACCEPT_FUNCTION.0
+    );
+    if let Err(reason) = accept_format {
+        log::warn!("owners of accepted sockets will be unknown: {reason}");
+        return None;
+    }
+    for name in ACCEPT_PROGRAMS {
+        if let Err(reason) = attach_syscall_exit(ebpf, name) {
+            log::warn!("owners of sockets returned by {name} will be unknown: {reason}");
+        }
+    }
+    None
 }
 
 fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<RawFd, String> {
