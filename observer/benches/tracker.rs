@@ -19,12 +19,12 @@ use std::{
 };
 
 use observer::{
-    event::{Decoder, Snapshot, SocketEvent, StateChange},
+    capture::decode::{Decoder, Snapshot, SocketEvent, StateChange},
     inventory::{Detail, Inventory, Summary, dump_tcp_sockets},
-    kernel_layout::KernelLayout,
+    kernel::layout::KernelLayout,
     owner::{Comm, Process},
     tcp::{SockFlags, TcpState},
-    tracker::Tracker,
+    track::tracker::Tracker,
 };
 
 /// Counts live heap bytes.

@@ -112,7 +112,7 @@ pub struct CommonArgs {
     #[arg(
         long = "debug.btf-path",
         value_name = "PATH",
-        default_value = crate::kernel_layout::VMLINUX_BTF,
+        default_value = crate::kernel::layout::VMLINUX_BTF,
         hide = true,
         global = true
     )]

@@ -3,353 +3,40 @@
 //! (retransmission, keepalive, SYN, zero window) or something else — and exports the
 //! counts to Prometheus.
 //!
-//! # Layout
+//! # Layout, in the order data flows
 //!
-//! The kernel side (`observer-ebpf`) only captures evidence. Here:
+//! The kernel side (`observer-ebpf`) only captures evidence; the records it writes are
+//! defined once, in `observer-common`. Here:
 //!
-//! * [`kernel_layout`]: where `struct sock` fields live in the running kernel (BTF).
-//! * [`loader`]: loads and attaches the eBPF programs; owns the drop counters.
-//! * [`event`]: decodes ring-buffer records into [`event::SocketEvent`]s.
-//! * [`tracker`]: follows each socket to its final transition, in bounded memory, and
-//!   waits until the evidence is complete.
-//! * [`classify`]: the pure decision — one [`classify::Verdict`] per connection.
-//! * [`pipeline`]: the ring-buffer reader task wiring the three above together.
-//! * [`metrics`], [`http`], [`report`], [`cli`]: thin adapters.
+//! 1. [`kernel`]: where `struct sock` fields live in the running kernel (BTF), loading
+//!    and attaching the programs, the drop counters, least privilege.
+//! 2. [`capture`]: the reader task — drains each CPU's ring buffer, merges them in time
+//!    order, decodes records into [`capture::decode::SocketEvent`]s.
+//! 3. [`track`]: follows each socket to its final transition, in bounded memory, and
+//!    waits until the evidence is complete.
+//! 4. [`classify`]: the pure decision — one [`classify::Verdict`] per connection.
+//! 5. [`export`]: Prometheus metrics, connection records, the HTTP server.
 //!
-//! [`run_daemon`] and [`run_watch`] are the two entry points; both take their shutdown
-//! trigger as a token so tests and the binary decide when to stop.
+//! Beside the flow: [`inventory`] (every socket the kernel lists now, by socket-diag
+//! netlink, in every network namespace), [`owner`] (processes, cgroups, containers),
+//! [`tcp`] (the TCP vocabulary every stage shares), [`memory`].
+//!
+//! The two entry points, [`daemon::run`] (the exporter) and [`watch::run`] (`observer
+//! watch`), wire those together; [`cli`], [`error`] and [`shutdown`] serve the binary.
+//! Both take their shutdown trigger as a token so tests and the binary decide when to
+//! stop.
 
+pub mod capture;
 pub mod classify;
 pub mod cli;
+pub mod daemon;
 pub mod error;
-pub mod event;
-pub mod http;
+pub mod export;
 pub mod inventory;
-pub mod kernel_layout;
-pub mod loader;
-pub mod metrics;
+pub mod kernel;
+pub mod memory;
 pub mod owner;
-pub mod pipeline;
-pub mod privileges;
-pub mod report;
 pub mod shutdown;
 pub mod tcp;
-pub mod tracker;
-pub mod web_config;
-
-use std::{
-    fs::File,
-    io::{BufWriter, Write as _},
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
-};
-
-use tokio_util::sync::CancellationToken;
-
-use crate::{
-    classify::Cause,
-    cli::{CommonArgs, DaemonArgs, WatchArgs},
-    error::Error,
-    event::{Decoder, SocketEvent},
-    http::{AppState, RecentConnections},
-    inventory::Inventory,
-    kernel_layout::KernelLayout,
-    metrics::{CloseLabels, Metrics},
-    owner::CgroupNames,
-    pipeline::{Pipeline, Sink},
-    report::{Clock, ConnectionReport},
-    tracker::{ClosedConnection, Tracker},
-};
-
-/// Hands free heap pages back to the kernel. glibc keeps them for an allocation burst
-/// that never comes: the kernel's BTF, parsed at start (17 MiB of the daemon's 48 MiB
-/// resident on 6.18), and what the socket inventory's table of first-seen times gives
-/// back after a burst of sockets (in the arena of the inventory thread, which is gone by
-/// then). See docs/benchmarks.md.
-pub(crate) fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Checks privileges and the kernel, then loads and attaches the programs.
-fn attach(common: &CommonArgs) -> Result<(KernelLayout, loader::Attached), Error> {
-    loader::check_privileges()?;
-    let mut layout = KernelLayout::from_btf_file(&common.btf_path)?;
-    layout.config.only_netns = common.only_netns.unwrap_or(0);
-    layout.config.return_at_once = common.empty_programs.into();
-    if !layout.missing.is_empty() {
-        log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
-    }
-    let attached = loader::load(&layout, common.ring_buffer_bytes, &common.btf_path)?;
-    privileges::drop_unneeded();
-    release_freed_heap();
-    Ok((layout, attached))
-}
-
-/// Logs verdicts nobody could explain, with everything we knew.
-fn log_unknown(report: &ConnectionReport) {
-    if report.cause == Some(Cause::Unknown) {
-        let evidence = serde_json::to_string(report).unwrap_or_default();
-        log::warn!("connection ended in an unrecognised way: {evidence}");
-    }
-}
-
-/// Feeds `/connections`, the log, and `--debug.events-file`.
-struct DaemonSink {
-    recent: Arc<RecentConnections>,
-    cgroups: Arc<Mutex<CgroupNames>>,
-    events_file: Option<BufWriter<File>>,
-}
-
-impl Sink for DaemonSink {
-    fn event(&mut self, event: &SocketEvent) {
-        if let Some(file) = &mut self.events_file {
-            let written = serde_json::to_writer(&mut *file, event)
-                .map_err(std::io::Error::from)
-                .and_then(|()| file.write_all(b"\n"));
-            if let Err(error) = written {
-                log::error!("cannot write to the events file, no longer recording: {error}");
-                self.events_file = None;
-            }
-        }
-    }
-
-    fn closed(&mut self, connection: ClosedConnection) {
-        let cgroup = connection.owner.as_ref().and_then(|owner| {
-            self.cgroups.lock().unwrap_or_else(PoisonError::into_inner).resolve(owner.cgroup_id)
-        });
-        if connection.verdict.cause == Cause::Unknown {
-            log_unknown(&ConnectionReport::closed(&connection, &Clock::now(), cgroup.clone()));
-        }
-        self.recent.push(connection, cgroup);
-    }
-
-    fn flush(&mut self) {
-        if let Some(file) = &mut self.events_file
-            && let Err(error) = file.flush()
-        {
-            log::error!("cannot write to the events file, no longer recording: {error}");
-            self.events_file = None;
-        }
-    }
-}
-
-/// The exporter: serves metrics until `shutdown` is cancelled.
-pub async fn run_daemon(
-    args: DaemonArgs,
-    common: CommonArgs,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let events_file =
-        match &args.events_file {
-            Some(path) => Some(BufWriter::new(File::create(path).map_err(|source| Error::Io {
-                context: "cannot create the events file",
-                source,
-            })?)),
-            None => None,
-        };
-    // Cheap checks first: a bad config file or a busy port is reported before the
-    // programs are loaded.
-    let web_config = match &args.web_config_file {
-        Some(path) => web_config::WebConfig::load(path)?,
-        None => web_config::WebConfig::default(),
-    };
-    loader::check_privileges()?;
-    let listener = tokio::net::TcpListener::bind(args.listen_address)
-        .await
-        .map_err(|source| Error::Listen { address: args.listen_address, source })?;
-    let address = listener.local_addr().unwrap_or(args.listen_address);
-    let (layout, attached) = attach(&common)?;
-
-    let close_labels = CloseLabels {
-        netns: args.netns_label,
-        comm: args.comm_label,
-        max_values: args.max_label_values,
-    };
-    let metrics = Arc::new(Metrics::new(args.max_ports, close_labels));
-    let recent =
-        Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
-    let healthy = Arc::new(AtomicBool::new(true));
-    let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
-    let inventory = Arc::new(Inventory::new());
-    let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
-    // The first inventory: sockets older than the daemon are counted from the start.
-    let first = Arc::clone(&inventory);
-    if let Ok(snapshot) =
-        tokio::task::spawn_blocking(move || first.refresh(std::time::Duration::ZERO)).await
-    {
-        metrics.set_inventory(&snapshot);
-        if snapshot.failures > 0 {
-            log::warn!(
-                "{} network namespace(s) could not be listed (needs CAP_SYS_ADMIN and \
-                 CAP_SYS_PTRACE); their sockets are not counted",
-                snapshot.failures
-            );
-        }
-    }
-    // Sockets older than the daemon: who holds them now is the best owner there is.
-    let startup_holders =
-        Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
-    let startup_sockets =
-        tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
-    tracker
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .set_preexisting_owners(owners_by_cookie(&startup_sockets, &startup_holders));
-    spawn_inventory_refresh(
-        Arc::clone(&inventory),
-        Arc::clone(&metrics),
-        args.inventory_interval,
-        shutdown.clone(),
-    );
-    let app = web_config.protect(http::router(AppState {
-        metrics: Arc::clone(&metrics),
-        recent: Arc::clone(&recent),
-        healthy: Arc::clone(&healthy),
-        telemetry_path: args.telemetry_path.clone(),
-        tracker: Arc::clone(&tracker),
-        inventory,
-        cgroups: Arc::clone(&cgroups),
-        startup_holders,
-    }));
-    let server_stop = shutdown.clone();
-    let scheme = if web_config.tls.is_some() { "https" } else { "http" };
-    let server = match web_config.tls {
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await
-        }),
-        Some(tls) => {
-            let listener = listener
-                .into_std()
-                .map_err(|source| Error::Listen { address: args.listen_address, source })?;
-            let server = axum_server::from_tcp_rustls(
-                listener,
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            )
-            .map_err(|source| Error::Listen { address: args.listen_address, source })?;
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                server_stop.cancelled().await;
-                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
-            });
-            tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
-        }
-    };
-    log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
-
-    let sink = DaemonSink { recent, cgroups, events_file };
-    let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
-    let result = pipeline.run(shutdown.clone()).await;
-    healthy.store(false, Ordering::Relaxed);
-    shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(source)) => log::error!("HTTP server failed: {source}"),
-        Err(join) => log::error!("HTTP server task failed: {join}"),
-    }
-    result
-}
-
-/// The startup holders of the inventoried sockets, by cookie (the key events carry).
-fn owners_by_cookie(
-    namespaces: &[inventory::NamespaceSockets],
-    holders: &std::collections::HashMap<u32, owner::Process>,
-) -> std::collections::HashMap<u64, owner::Process> {
-    namespaces
-        .iter()
-        .flat_map(|namespace| &namespace.sockets)
-        .filter_map(|socket| Some((socket.cookie, *holders.get(&socket.inode)?)))
-        .collect()
-}
-
-/// Refreshes the socket inventory every `interval` (ages stay precise between scrapes).
-fn spawn_inventory_refresh(
-    inventory: Arc<Inventory>,
-    metrics: Arc<Metrics>,
-    interval: std::time::Duration,
-    shutdown: CancellationToken,
-) {
-    if interval.is_zero() {
-        return;
-    }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = shutdown.cancelled() => return,
-            }
-            let inventory = Arc::clone(&inventory);
-            if let Ok(snapshot) =
-                tokio::task::spawn_blocking(move || inventory.refresh(interval / 2)).await
-            {
-                metrics.set_inventory(&snapshot);
-            }
-        }
-    });
-}
-
-/// Prints verdicts (or raw events) to stdout.
-struct WatchSink {
-    args: WatchArgs,
-    cgroups: CgroupNames,
-    stop: CancellationToken,
-}
-
-impl WatchSink {
-    fn print(&self, line: &str) {
-        let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
-            // stdout closed (e.g. piped into `head`): stop quietly.
-            self.stop.cancel();
-        }
-    }
-}
-
-impl Sink for WatchSink {
-    fn event(&mut self, event: &SocketEvent) {
-        if self.args.events {
-            self.print(&serde_json::to_string(event).unwrap_or_default());
-        }
-    }
-
-    fn closed(&mut self, connection: ClosedConnection) {
-        if self.args.events
-            || (!self.args.ports.is_empty() && !self.args.ports.contains(&connection.port))
-        {
-            return;
-        }
-        let report = ConnectionReport::new(&connection, &Clock::now(), &mut self.cgroups);
-        log_unknown(&report);
-        if self.args.json {
-            self.print(&serde_json::to_string(&report).unwrap_or_default());
-        } else {
-            self.print(&report.line());
-        }
-    }
-}
-
-/// `observer watch`: one line per closed connection until `shutdown` is cancelled.
-pub async fn run_watch(
-    args: WatchArgs,
-    common: CommonArgs,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let (layout, attached) = attach(&common)?;
-    let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
-    let sink =
-        WatchSink { args: args.clone(), cgroups: CgroupNames::new(), stop: shutdown.clone() };
-    log::info!("attached; printing connections as they close (Ctrl-C to stop)");
-    if !args.json && !args.events {
-        sink.print(&ConnectionReport::header());
-    }
-    let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
-    Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink).run(shutdown).await
-}
+pub mod track;
+pub mod watch;

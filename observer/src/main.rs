@@ -37,8 +37,8 @@ fn main() -> ExitCode {
         shutdown::cancel_on_signals(token.clone())
             .map_err(|source| Error::Io { context: "cannot install signal handlers", source })?;
         match cli.command {
-            None => observer::run_daemon(cli.daemon, cli.common, token).await,
-            Some(Command::Watch(args)) => observer::run_watch(args, cli.common, token).await,
+            None => observer::daemon::run(cli.daemon, cli.common, token).await,
+            Some(Command::Watch(args)) => observer::watch::run(args, cli.common, token).await,
         }
     });
     match result {

@@ -13,13 +13,15 @@ use std::{
 };
 
 use observer::{
+    capture::decode::{
+        Accepted, Decoder, Reset, ResetDirection, Snapshot, SocketEvent, StateChange,
+    },
     classify::{self, History},
-    event::{Accepted, Decoder, Reset, ResetDirection, Snapshot, SocketEvent, StateChange},
-    kernel_layout::{FieldDecoder, KernelLayout},
+    export::report::{Clock, ConnectionReport},
+    kernel::layout::{FieldDecoder, KernelLayout},
     owner::{CgroupNames, Comm, Process},
-    report::{Clock, ConnectionReport},
     tcp::{ResetReason, SockFlags, TcpState},
-    tracker::{ClosedConnection, Tracker},
+    track::tracker::{ClosedConnection, Tracker},
 };
 use observer_common::{CloseEvent, ProgramConfig, SockField, TaskConfig};
 use proptest::{prelude::*, sample::select};

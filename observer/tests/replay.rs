@@ -7,7 +7,7 @@
 
 use std::{fs, net::SocketAddr, num::NonZeroUsize, path::Path};
 
-use observer::{event::SocketEvent, tracker::Tracker};
+use observer::{capture::decode::SocketEvent, track::tracker::Tracker};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

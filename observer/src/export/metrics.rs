@@ -18,11 +18,11 @@ use prometheus::{
 };
 
 use crate::{
+    capture::decode::{Reset, ResetDirection},
     classify::{Cause, Class, Role},
-    event::{Reset, ResetDirection},
     inventory::Summary,
     tcp::TcpState,
-    tracker::{ClosedConnection, TrackerStats},
+    track::tracker::{ClosedConnection, TrackerStats},
 };
 
 /// `reason` values of `observer_events_lost_total`.

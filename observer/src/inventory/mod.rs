@@ -350,7 +350,7 @@ impl Inventory {
             state.latest.namespaces.len(),
             state.took
         );
-        crate::release_freed_heap();
+        crate::memory::release_freed_heap();
         Arc::clone(&state.latest)
     }
 

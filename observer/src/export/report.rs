@@ -9,12 +9,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    capture::decode::Snapshot,
     classify::{Cause, Class, ResetSeen, Role},
-    event::Snapshot,
     inventory::{DiagSocket, TcpStats},
     owner::{Cgroup, CgroupNames, Process},
     tcp::TcpState,
-    tracker::{ClosedConnection, LiveSocket},
+    track::tracker::{ClosedConnection, LiveSocket},
 };
 
 /// One connection, open or closed, ready to serialise: the records of `/connections`
@@ -329,5 +329,13 @@ impl ConnectionReport {
             self.bytes_received,
             self.retransmits
         )
+    }
+}
+
+/// Logs verdicts nobody could explain, with everything we knew.
+pub fn log_unknown(report: &ConnectionReport) {
+    if report.cause == Some(Cause::Unknown) {
+        let evidence = serde_json::to_string(report).unwrap_or_default();
+        log::warn!("connection ended in an unrecognised way: {evidence}");
     }
 }

@@ -22,11 +22,11 @@ use serde::Deserialize;
 
 use crate::{
     classify::Role,
+    export::metrics::Metrics,
+    export::report::{Clock, ConnectionReport, OwnerReport, Status},
     inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
-    metrics::Metrics,
     owner::{Cgroup, CgroupNames, Process},
-    report::{Clock, ConnectionReport, OwnerReport, Status},
-    tracker::{ClosedConnection, Tracker, service_port},
+    track::tracker::{ClosedConnection, Tracker, service_port},
 };
 
 /// A scrape or a `/connections` request reuses a socket inventory this recent (or

@@ -37,8 +37,8 @@ use lru::LruCache;
 use serde::Serialize;
 
 use crate::{
+    capture::decode::{Accepted, Reset, SocketEvent, SocketId, StateChange},
     classify::{self, Close, History, Outcome, ResetList, ResetSeen, Role, Transition, Verdict},
-    event::{Accepted, Reset, SocketEvent, SocketId, StateChange},
     owner::Process,
     tcp::TcpState,
 };
@@ -81,7 +81,7 @@ pub struct ClosedConnection {
     /// while we watched.
     pub owner: Option<Process>,
     pub previous_state: TcpState,
-    pub snapshot: crate::event::Snapshot,
+    pub snapshot: crate::capture::decode::Snapshot,
     pub resets: ResetList,
 }
 
@@ -669,8 +669,8 @@ fn states_path(tracked: &Tracked) -> StatePath {
 mod tests {
     use super::*;
     use crate::{
+        capture::decode::{ResetDirection, Snapshot},
         classify::{Cause, Class},
-        event::{ResetDirection, Snapshot},
         tcp::ResetReason,
     };
 

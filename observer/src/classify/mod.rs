@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::{
-    event::{ResetDirection, Snapshot},
+    capture::decode::{ResetDirection, Snapshot},
     tcp::{ResetReason, SHUTDOWN_MASK, TcpState, errno},
 };
 

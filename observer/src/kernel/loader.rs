@@ -18,7 +18,7 @@ use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
 
 use crate::{
     error::Error,
-    kernel_layout::{self, KernelLayout},
+    kernel::layout::{self, KernelLayout},
 };
 
 /// The programs of observer-ebpf: for each tracepoint (in the order of the program's
@@ -301,11 +301,11 @@ fn load_program(
 
 /// Offset of `ret` in the accept() exit records, from tracefs.
 fn accept_record_offset() -> Result<u32, String> {
-    let tracefs = kernel_layout::tracefs().ok_or("tracefs is not mounted")?;
+    let tracefs = layout::tracefs().ok_or("tracefs is not mounted")?;
     let path = tracefs.join("events/syscalls/sys_exit_accept4/format");
     let format = fs::read_to_string(&path)
         .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    kernel_layout::tracepoint_field_offset(&format, "ret")
+    layout::tracepoint_field_offset(&format, "ret")
         .ok_or_else(|| format!("no `ret` field in {}", path.display()))
 }
 

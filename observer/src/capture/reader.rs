@@ -27,12 +27,12 @@ use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    capture::decode::{Decoder, SocketEvent},
     error::Error,
-    event::{Decoder, SocketEvent},
-    loader::{Attached, KernelLogger, LostEvents},
-    metrics::Metrics,
-    report::monotonic_ns,
-    tracker::{ClosedConnection, Effect, Tracker},
+    export::metrics::Metrics,
+    export::report::monotonic_ns,
+    kernel::loader::{Attached, KernelLogger, LostEvents},
+    track::tracker::{ClosedConnection, Effect, Tracker},
 };
 
 /// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).
@@ -429,7 +429,7 @@ impl<S: Sink> Running<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{event::Accepted, owner::Process};
+    use crate::{capture::decode::Accepted, owner::Process};
 
     fn ring(stamps: &[u64]) -> VecDeque<SocketEvent> {
         let owner = Process { pid: 1, tid: 1, comm: Default::default(), cgroup_id: 0 };

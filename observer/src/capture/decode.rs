@@ -16,7 +16,7 @@ use observer_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kernel_layout::{FieldDecoder, KernelLayout},
+    kernel::layout::{FieldDecoder, KernelLayout},
     owner::Process,
     tcp::{ResetReason, SockFlags, TcpState},
 };

@@ -1,0 +1,235 @@
+//! `observer` (the exporter): the composition root. It wires the events file, the web
+//! configuration, the listener, the programs, the start-up scans and the reader task,
+//! and serves HTTP until shutdown.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write as _},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    capture::{
+        decode::{Decoder, SocketEvent},
+        reader::{Pipeline, Sink},
+    },
+    classify::Cause,
+    cli::{CommonArgs, DaemonArgs},
+    error::Error,
+    export::{
+        http::{self, AppState, RecentConnections},
+        metrics::{CloseLabels, Metrics},
+        report::{self, Clock, ConnectionReport},
+        web_config,
+    },
+    inventory::{self, Inventory},
+    kernel::{self, loader},
+    owner::{self, CgroupNames},
+    track::tracker::{ClosedConnection, Tracker},
+};
+
+/// Feeds `/connections`, the log, and `--debug.events-file`.
+struct DaemonSink {
+    recent: Arc<RecentConnections>,
+    cgroups: Arc<Mutex<CgroupNames>>,
+    events_file: Option<BufWriter<File>>,
+}
+
+impl Sink for DaemonSink {
+    fn event(&mut self, event: &SocketEvent) {
+        if let Some(file) = &mut self.events_file {
+            let written = serde_json::to_writer(&mut *file, event)
+                .map_err(std::io::Error::from)
+                .and_then(|()| file.write_all(b"\n"));
+            if let Err(error) = written {
+                log::error!("cannot write to the events file, no longer recording: {error}");
+                self.events_file = None;
+            }
+        }
+    }
+
+    fn closed(&mut self, connection: ClosedConnection) {
+        let cgroup = connection.owner.as_ref().and_then(|owner| {
+            self.cgroups.lock().unwrap_or_else(PoisonError::into_inner).resolve(owner.cgroup_id)
+        });
+        if connection.verdict.cause == Cause::Unknown {
+            report::log_unknown(&ConnectionReport::closed(
+                &connection,
+                &Clock::now(),
+                cgroup.clone(),
+            ));
+        }
+        self.recent.push(connection, cgroup);
+    }
+
+    fn flush(&mut self) {
+        if let Some(file) = &mut self.events_file
+            && let Err(error) = file.flush()
+        {
+            log::error!("cannot write to the events file, no longer recording: {error}");
+            self.events_file = None;
+        }
+    }
+}
+
+/// The exporter: serves metrics until `shutdown` is cancelled.
+pub async fn run(
+    args: DaemonArgs,
+    common: CommonArgs,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let events_file =
+        match &args.events_file {
+            Some(path) => Some(BufWriter::new(File::create(path).map_err(|source| Error::Io {
+                context: "cannot create the events file",
+                source,
+            })?)),
+            None => None,
+        };
+    // Cheap checks first: a bad config file or a busy port is reported before the
+    // programs are loaded.
+    let web_config = match &args.web_config_file {
+        Some(path) => web_config::WebConfig::load(path)?,
+        None => web_config::WebConfig::default(),
+    };
+    loader::check_privileges()?;
+    let listener = tokio::net::TcpListener::bind(args.listen_address)
+        .await
+        .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+    let address = listener.local_addr().unwrap_or(args.listen_address);
+    let (layout, attached) = kernel::attach(&common)?;
+
+    let close_labels = CloseLabels {
+        netns: args.netns_label,
+        comm: args.comm_label,
+        max_values: args.max_label_values,
+    };
+    let metrics = Arc::new(Metrics::new(args.max_ports, close_labels));
+    let recent =
+        Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
+    let inventory = Arc::new(Inventory::new());
+    let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
+    // The first inventory: sockets older than the daemon are counted from the start.
+    let first = Arc::clone(&inventory);
+    if let Ok(snapshot) =
+        tokio::task::spawn_blocking(move || first.refresh(std::time::Duration::ZERO)).await
+    {
+        metrics.set_inventory(&snapshot);
+        if snapshot.failures > 0 {
+            log::warn!(
+                "{} network namespace(s) could not be listed (needs CAP_SYS_ADMIN and \
+                 CAP_SYS_PTRACE); their sockets are not counted",
+                snapshot.failures
+            );
+        }
+    }
+    // Sockets older than the daemon: who holds them now is the best owner there is.
+    let startup_holders =
+        Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
+    let startup_sockets =
+        tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
+    tracker
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_preexisting_owners(owners_by_cookie(&startup_sockets, &startup_holders));
+    spawn_inventory_refresh(
+        Arc::clone(&inventory),
+        Arc::clone(&metrics),
+        args.inventory_interval,
+        shutdown.clone(),
+    );
+    let app = web_config.protect(http::router(AppState {
+        metrics: Arc::clone(&metrics),
+        recent: Arc::clone(&recent),
+        healthy: Arc::clone(&healthy),
+        telemetry_path: args.telemetry_path.clone(),
+        tracker: Arc::clone(&tracker),
+        inventory,
+        cgroups: Arc::clone(&cgroups),
+        startup_holders,
+    }));
+    let server_stop = shutdown.clone();
+    let scheme = if web_config.tls.is_some() { "https" } else { "http" };
+    let server = match web_config.tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        }),
+        Some(tls) => {
+            let listener = listener
+                .into_std()
+                .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let server = axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .map_err(|source| Error::Listen { address: args.listen_address, source })?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                server_stop.cancelled().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
+            });
+            tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
+        }
+    };
+    log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
+
+    let sink = DaemonSink { recent, cgroups, events_file };
+    let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
+    let result = pipeline.run(shutdown.clone()).await;
+    healthy.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => log::error!("HTTP server failed: {source}"),
+        Err(join) => log::error!("HTTP server task failed: {join}"),
+    }
+    result
+}
+
+/// The startup holders of the inventoried sockets, by cookie (the key events carry).
+fn owners_by_cookie(
+    namespaces: &[inventory::NamespaceSockets],
+    holders: &std::collections::HashMap<u32, owner::Process>,
+) -> std::collections::HashMap<u64, owner::Process> {
+    namespaces
+        .iter()
+        .flat_map(|namespace| &namespace.sockets)
+        .filter_map(|socket| Some((socket.cookie, *holders.get(&socket.inode)?)))
+        .collect()
+}
+
+/// Refreshes the socket inventory every `interval` (ages stay precise between scrapes).
+fn spawn_inventory_refresh(
+    inventory: Arc<Inventory>,
+    metrics: Arc<Metrics>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let inventory = Arc::clone(&inventory);
+            if let Ok(snapshot) =
+                tokio::task::spawn_blocking(move || inventory.refresh(interval / 2)).await
+            {
+                metrics.set_inventory(&snapshot);
+            }
+        }
+    });
+}
