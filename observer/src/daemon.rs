@@ -20,11 +20,12 @@ use crate::{
     },
     classify::Cause,
     cli::{CommonArgs, DaemonArgs},
+    clock::Clock,
     error::Error,
     export::{
         http::{self, AppState, RecentConnections},
         metrics::{CloseLabels, Metrics},
-        report::{self, Clock, ConnectionReport},
+        report::{self, ConnectionReport},
         web_config,
     },
     inventory::{self, Inventory},

@@ -29,6 +29,7 @@
 pub mod capture;
 pub mod classify;
 pub mod cli;
+pub mod clock;
 pub mod daemon;
 pub mod error;
 pub mod export;

@@ -13,10 +13,11 @@ use crate::{
         reader::{Pipeline, Sink},
     },
     cli::{CommonArgs, WatchArgs},
+    clock::Clock,
     error::Error,
     export::{
         metrics::{CloseLabels, Metrics},
-        report::{self, Clock, ConnectionReport},
+        report::{self, ConnectionReport},
     },
     kernel,
     owner::CgroupNames,

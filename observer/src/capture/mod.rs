@@ -2,4 +2,5 @@
 //! happened: the reader task ([`reader`]) and the decoder ([`decode`]).
 
 pub mod decode;
+pub mod merge;
 pub mod reader;

@@ -22,8 +22,9 @@ use serde::Deserialize;
 
 use crate::{
     classify::Role,
+    clock::Clock,
     export::metrics::Metrics,
-    export::report::{Clock, ConnectionReport, OwnerReport, Status},
+    export::report::{ConnectionReport, OwnerReport, Status},
     inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
     owner::{Cgroup, CgroupNames, Process},
     track::tracker::{ClosedConnection, Tracker, service_port},
