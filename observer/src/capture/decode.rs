@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     kernel::layout::{FieldDecoder, KernelLayout},
-    owner::Process,
+    owner::process::Process,
     tcp::{ResetReason, SockFlags, TcpState},
 };
 

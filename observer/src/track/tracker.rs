@@ -39,7 +39,7 @@ use serde::Serialize;
 use crate::{
     capture::decode::{Accepted, Reset, SocketEvent, SocketId, StateChange},
     classify::{self, Close, History, Outcome, ResetList, ResetSeen, Role, Transition, Verdict},
-    owner::Process,
+    owner::process::Process,
     tcp::TcpState,
 };
 
