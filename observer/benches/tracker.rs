@@ -24,7 +24,7 @@ use observer::{
     kernel::layout::KernelLayout,
     owner::{Comm, Process},
     tcp::{SockFlags, TcpState},
-    track::tracker::Tracker,
+    track::Tracker,
 };
 
 /// Counts live heap bytes.

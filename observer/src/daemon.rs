@@ -31,7 +31,7 @@ use crate::{
     inventory::{self, Inventory},
     kernel::{self, loader},
     owner::{self, CgroupNames},
-    track::tracker::{ClosedConnection, Tracker},
+    track::{ClosedConnection, Tracker},
 };
 
 /// Feeds `/connections`, the log, and `--debug.events-file`.

@@ -21,7 +21,7 @@ use crate::{
     },
     kernel,
     owner::CgroupNames,
-    track::tracker::{ClosedConnection, Tracker},
+    track::{ClosedConnection, Tracker},
 };
 
 /// Prints verdicts (or raw events) to stdout.

@@ -22,7 +22,7 @@ use observer::{
     kernel::layout::{FieldDecoder, KernelLayout},
     owner::{CgroupNames, Comm, Process},
     tcp::{ResetReason, SockFlags, TcpState},
-    track::tracker::{ClosedConnection, Tracker},
+    track::{ClosedConnection, Tracker},
 };
 use observer_common::{CloseEvent, ProgramConfig, SockField, TaskConfig};
 use proptest::{prelude::*, sample::select};

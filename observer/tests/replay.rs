@@ -7,7 +7,7 @@
 
 use std::{fs, net::SocketAddr, num::NonZeroUsize, path::Path};
 
-use observer::{capture::decode::SocketEvent, track::tracker::Tracker};
+use observer::{capture::decode::SocketEvent, track::Tracker};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -34,7 +34,7 @@ use crate::{
     error::Error,
     export::metrics::Metrics,
     kernel::loader::{Attached, KernelLogger, LostEvents},
-    track::tracker::{ClosedConnection, Effect, Tracker},
+    track::{ClosedConnection, Effect, Tracker},
 };
 
 /// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).

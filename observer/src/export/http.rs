@@ -27,7 +27,7 @@ use crate::{
     export::report::{ConnectionReport, OwnerReport, Status},
     inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
     owner::{Cgroup, CgroupNames, Process},
-    track::tracker::{ClosedConnection, Tracker, service_port},
+    track::{ClosedConnection, Tracker, service_port},
 };
 
 /// A scrape or a `/connections` request reuses a socket inventory this recent (or

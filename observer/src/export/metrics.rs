@@ -22,7 +22,7 @@ use crate::{
     classify::{Cause, Class, Role},
     inventory::Summary,
     tcp::TcpState,
-    track::tracker::{ClosedConnection, TrackerStats},
+    track::{ClosedConnection, TrackerStats},
 };
 
 /// `reason` values of `observer_events_lost_total`.

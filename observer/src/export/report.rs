@@ -12,7 +12,7 @@ use crate::{
     inventory::{DiagSocket, TcpStats},
     owner::{Cgroup, CgroupNames, Process},
     tcp::TcpState,
-    track::tracker::{ClosedConnection, LiveSocket},
+    track::{ClosedConnection, LiveSocket},
 };
 
 /// One connection, open or closed, ready to serialise: the records of `/connections`
