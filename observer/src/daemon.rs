@@ -23,7 +23,8 @@ use crate::{
     clock::Clock,
     error::Error,
     export::{
-        http::{self, AppState, RecentConnections},
+        connections::RecentConnections,
+        http::{self, AppState},
         metrics::{CloseLabels, Metrics},
         report::{self, ConnectionReport},
         web_config,

@@ -1,9 +1,9 @@
 //! The HTTP adapter: `/metrics` (or `--web.telemetry-path`), `/connections`, `/healthz`
-//! and a landing page. Thin: it only renders what the pipeline produced.
+//! and a landing page. Thin: it gathers the inputs of a request and renders what
+//! [`super::connections`] and [`super::metrics`] make of them.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -18,93 +18,22 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::get,
 };
-use serde::Deserialize;
 
 use crate::{
-    classify::Role,
     clock::Clock,
-    export::metrics::Metrics,
-    export::report::{ConnectionReport, OwnerReport, Status},
-    inventory::{self, DiagSocket, Inventory, NamespaceSockets, Summary},
-    owner::{Cgroup, CgroupNames, Process},
-    track::{ClosedConnection, Tracker, service_port},
+    export::{
+        connections::{Filter, RecentConnections, StatusFilter, open_connections},
+        metrics::Metrics,
+        report::ConnectionReport,
+    },
+    inventory::{self, Inventory, Summary},
+    owner::{CgroupNames, Process},
+    track::Tracker,
 };
 
 /// A scrape or a `/connections` request reuses a socket inventory this recent (or
 /// more, on hosts where listing the sockets takes long: [`crate::inventory::reuse_time`]).
 pub const INVENTORY_FRESHNESS: Duration = Duration::from_secs(1);
-
-/// The most recent verdicts, for `/connections`, each numbered in order (`seq`) so a
-/// client can ask only for what is new (`?after=<seq>`).
-pub struct RecentConnections {
-    max: usize,
-    items: Mutex<Recent>,
-    /// Counts verdicts pushed out by newer ones.
-    metrics: Option<Arc<Metrics>>,
-}
-
-#[derive(Default)]
-struct Recent {
-    next_seq: u64,
-    closes: VecDeque<RecentClose>,
-}
-
-/// A verdict as `/connections` keeps it. Its report (text addresses, wall-clock times,
-/// owner names) is built only when asked for: under a reset storm most verdicts leave
-/// the buffer unread.
-struct RecentClose {
-    seq: u64,
-    connection: ClosedConnection,
-    /// Resolved when the verdict was made: the owner's cgroup may be gone by the time
-    /// someone asks.
-    cgroup: Option<Cgroup>,
-}
-
-impl RecentClose {
-    fn report(&self, clock: &Clock) -> ConnectionReport {
-        ConnectionReport {
-            seq: Some(self.seq),
-            ..ConnectionReport::closed(&self.connection, clock, self.cgroup.clone())
-        }
-    }
-}
-
-impl RecentConnections {
-    pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            items: Mutex::new(Recent { next_seq: 1, closes: VecDeque::new() }),
-            metrics: None,
-        }
-    }
-
-    /// Counts overflow in `observer_connections_evicted_total`.
-    pub fn counting_evictions(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Keeps a verdict; `cgroup` is its owner's, resolved now.
-    pub fn push(&self, connection: ClosedConnection, cgroup: Option<Cgroup>) {
-        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        let close = RecentClose { seq: items.next_seq, connection, cgroup };
-        items.next_seq += 1;
-        let evicted = if self.max == 0 {
-            true
-        } else if items.closes.len() >= self.max {
-            items.closes.pop_front();
-            items.closes.push_back(close);
-            true
-        } else {
-            items.closes.push_back(close);
-            false
-        };
-        drop(items);
-        if evicted && let Some(metrics) = &self.metrics {
-            metrics.record_recent_evicted();
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -169,50 +98,6 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Which records `/connections` returns: open sockets, closed connections, or both.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum StatusFilter {
-    Open,
-    Closed,
-    #[default]
-    All,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Filter {
-    #[serde(default)]
-    status: StatusFilter,
-    /// TCP state name (`established`, `close_wait`, `time_wait`, … `close` for closed).
-    state: Option<String>,
-    /// Closed connections after this `seq` (open sockets are not numbered).
-    after: Option<u64>,
-    port: Option<u16>,
-    netns: Option<u32>,
-    pid: Option<u32>,
-    class: Option<String>,
-    cause: Option<String>,
-    limit: Option<usize>,
-}
-
-impl Filter {
-    fn matches(&self, report: &ConnectionReport) -> bool {
-        self.after.is_none_or(|after| report.seq.is_some_and(|seq| seq > after))
-            && self.state.as_deref().is_none_or(|state| report.state.name() == state)
-            && self.port.is_none_or(|port| report.port == port)
-            && self.netns.is_none_or(|netns| report.netns == netns)
-            && self.pid.is_none_or(|pid| report.owner.pid() == Some(pid))
-            && self
-                .class
-                .as_deref()
-                .is_none_or(|class| report.class.is_some_and(|c| c.name() == class))
-            && self
-                .cause
-                .as_deref()
-                .is_none_or(|cause| report.cause.is_some_and(|c| c.name() == cause))
-    }
-}
-
 /// Open sockets (when asked for), then recent verdicts oldest first; `limit` keeps the
 /// last ones.
 async fn connections(
@@ -224,14 +109,21 @@ async fn connections(
     if filter.status != StatusFilter::Closed && filter.after.is_none() {
         // Listed afresh: the sockets as they are now, not as the last scrape saw them.
         let listed = tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
-        let open = open_connections(&state, &listed, &clock);
+        let live: Vec<_> =
+            state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
+        let mut cgroups = state.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = open_connections(
+            &live,
+            &listed,
+            &state.recent,
+            &state.startup_holders,
+            &mut cgroups,
+            &clock,
+        );
         selected.extend(open.into_iter().filter(|report| filter.matches(report)));
     }
     if filter.status != StatusFilter::Open {
-        let items = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-        selected.extend(
-            items.closes.iter().map(|close| close.report(&clock)).filter(|r| filter.matches(r)),
-        );
+        selected.extend(state.recent.reports(&clock, &filter));
     }
     if let Some(limit) = filter.limit
         && selected.len() > limit
@@ -239,78 +131,4 @@ async fn connections(
         selected.drain(..selected.len() - limit);
     }
     Json(selected)
-}
-
-/// Every open socket: those the tracker follows (with owner and history), completed
-/// with the inventory's counters, then those only the inventory knows (older than the
-/// daemon and quiet since, TIME_WAIT).
-fn open_connections(
-    state: &AppState,
-    namespaces: &[NamespaceSockets],
-    clock: &Clock,
-) -> Vec<ConnectionReport> {
-    let live: Vec<_> =
-        state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
-    let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
-    let mut by_tuple: HashMap<(u32, SocketAddr, SocketAddr), (u64, usize)> = HashMap::new();
-    let listening: Vec<_> = namespaces.iter().map(|n| n.listening_ports()).collect();
-    for (index, namespace) in namespaces.iter().enumerate() {
-        for socket in &namespace.sockets {
-            by_cookie.insert((namespace.netns, socket.cookie), (socket, index));
-            by_tuple.insert((namespace.netns, socket.local, socket.remote), (socket.cookie, index));
-        }
-    }
-    let mut cgroups = state.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut reports = Vec::with_capacity(live.len());
-    let mut listed = std::collections::HashSet::new();
-    for socket in &live {
-        // Kernels before 5.12 give the tracker no cookie: match by 4-tuple then.
-        let cookie = match socket.cookie {
-            0 => by_tuple.get(&(socket.netns, socket.local, socket.remote)).map(|(c, _)| *c),
-            cookie => Some(cookie),
-        };
-        let found = cookie.and_then(|cookie| by_cookie.get(&(socket.netns, cookie)));
-        if let Some(cookie) = cookie {
-            listed.insert((socket.netns, cookie));
-        }
-        let port = match (socket.role, found) {
-            (Role::Unknown, Some((diag, index))) => {
-                namespaces[*index].service_port(&listening[*index], diag)
-            }
-            (role, _) => service_port(role, socket.local, socket.remote),
-        };
-        let stats = found.and_then(|(diag, _)| diag.stats);
-        reports.push(ConnectionReport::open(socket, stats, port, clock, &mut cgroups));
-    }
-    // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
-    // continues, which already has its verdict: that one knows the role and the owner.
-    let recent = state.recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-    let judged: HashMap<(u32, u64), &RecentClose> = recent
-        .closes
-        .iter()
-        .filter(|close| close.connection.cookie != 0)
-        .map(|close| ((close.connection.netns, close.connection.cookie), close))
-        .collect();
-    for (index, namespace) in namespaces.iter().enumerate() {
-        for socket in &namespace.sockets {
-            if !listed.contains(&(namespace.netns, socket.cookie)) {
-                let port = namespace.service_port(&listening[index], socket);
-                let role = namespace.role(&listening[index], socket);
-                let mut report = ConnectionReport::inventoried(namespace.netns, socket, port, role);
-                if let Some(judged) = judged.get(&(namespace.netns, socket.cookie)) {
-                    let closed = &judged.connection;
-                    report.role = closed.role;
-                    report.port = closed.port;
-                    report.owner =
-                        OwnerReport::with_cgroup(closed.owner.as_ref(), judged.cgroup.clone());
-                    report.opened_at = closed.opened_ns.map(|ns| clock.rfc3339(ns));
-                } else if let Some(holder) = state.startup_holders.get(&socket.inode) {
-                    report.owner = OwnerReport::new(Some(holder), &mut cgroups);
-                }
-                reports.push(report);
-            }
-        }
-    }
-    debug_assert!(reports.iter().all(|r| r.status == Status::Open));
-    reports
 }

@@ -2,6 +2,7 @@
 //! ([`report`]), the HTTP server ([`http`]) and its TLS/auth configuration
 //! ([`web_config`]).
 
+pub mod connections;
 pub mod http;
 pub mod metrics;
 pub mod report;
