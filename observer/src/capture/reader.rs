@@ -34,7 +34,7 @@ use crate::{
     error::Error,
     export::metrics::Metrics,
     kernel::loader::{Attached, KernelLogger, LostEvents},
-    track::{ClosedConnection, Effect, Tracker},
+    track::{ClosedConnection, Tracker},
 };
 
 /// Verdicts decided and handed on at a time (see [`Tracker::expire_at_most`]).
@@ -322,14 +322,9 @@ impl<S: Sink> Running<S> {
     }
 
     fn ingest(&mut self, tracker: &mut Tracker, event: &SocketEvent) {
-        self.metrics.record_event();
         self.sink.event(event);
-        if let SocketEvent::Reset(reset) = event {
-            self.metrics.record_reset(reset);
-        }
-        if let Effect::Transition { from, to } = tracker.ingest(event, &mut self.decided) {
-            self.metrics.record_transition(from, to);
-        }
+        let effect = tracker.ingest(event, &mut self.decided);
+        self.metrics.record(event, effect);
         self.publish();
     }
 

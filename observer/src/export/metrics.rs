@@ -14,15 +14,16 @@ use std::{
 use prometheus::{
     Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector,
     proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{
-    capture::decode::{Reset, ResetDirection},
+    capture::decode::{Reset, ResetDirection, SocketEvent},
     classify::{Cause, Class, Role},
     inventory::Summary,
     tcp::TcpState,
-    track::{ClosedConnection, TrackerStats},
+    track::{ClosedConnection, Effect, TrackerStats},
 };
 
 /// `reason` values of `observer_events_lost_total`.
@@ -118,16 +119,27 @@ fn advance(counter: &IntCounter, total: u64) {
     }
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+/// Registers `metric` in `registry` and returns it. Names and help texts are constants
+/// of this module, so a failure is a bug here, not a runtime condition.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric");
     registry.register(Box::new(metric.clone())).expect("unique metric");
     metric
 }
 
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
-    metric
+    register(registry, IntCounter::new(name, help))
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help))
 }
 
 impl Metrics {
@@ -152,49 +164,50 @@ impl Metrics {
             "TCP state transitions seen at the inet_sock_set_state tracepoint.",
             &["from", "to"],
         );
-        let sockets = IntGaugeVec::new(
-            Opts::new(
-                "observer_tcp_sockets",
-                "TCP sockets by network namespace and state, as `ss -tan` lists them \
-                 (socket-diag), TIME_WAIT included.",
+        let sockets = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "observer_tcp_sockets",
+                    "TCP sockets by network namespace and state, as `ss -tan` lists them \
+                     (socket-diag), TIME_WAIT included.",
+                ),
+                &["netns", "state"],
             ),
-            &["netns", "state"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(sockets.clone())).expect("unique metric");
-        let oldest = GaugeVec::new(
-            Opts::new(
-                "observer_tcp_socket_oldest_age_seconds",
-                "Time the oldest socket of each namespace and state has been in that state \
-                 (since the daemon first saw it there, for sockets older than the daemon; \
-                 for TIME_WAIT, from the kernel's timewait timer).",
+        );
+        let oldest = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "observer_tcp_socket_oldest_age_seconds",
+                    "Time the oldest socket of each namespace and state has been in that state \
+                     (since the daemon first saw it there, for sockets older than the daemon; \
+                     for TIME_WAIT, from the kernel's timewait timer).",
+                ),
+                &["netns", "state"],
             ),
-            &["netns", "state"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(oldest.clone())).expect("unique metric");
-        let namespaces = IntGauge::new(
+        );
+        let namespaces = gauge(
+            &registry,
             "observer_inventory_namespaces",
             "Network namespaces whose sockets the last inventory listed.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(namespaces.clone())).expect("unique metric");
-        let namespace_errors = IntGauge::new(
+        );
+        let namespace_errors = gauge(
+            &registry,
             "observer_inventory_namespace_errors",
             "Network namespaces the last inventory could not enter or list (privileges).",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(namespace_errors.clone())).expect("unique metric");
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "observer_tcp_connection_duration_seconds",
-                "Time from a connection's open to its final transition, by class of ending.",
-            )
-            .buckets(prometheus::exponential_buckets(0.001, 4.0, 12).expect("valid buckets")),
-            &["class"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(duration.clone())).expect("unique metric");
+        );
+        let duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "observer_tcp_connection_duration_seconds",
+                    "Time from a connection's open to its final transition, by class of ending.",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 4.0, 12).expect("valid buckets")),
+                &["class"],
+            ),
+        );
         let resets = counter_vec(
             &registry,
             "observer_tcp_resets_total",
@@ -230,22 +243,21 @@ impl Metrics {
             "Sockets dropped without a verdict (table full, or final event lost).",
             &["reason"],
         );
-        let tracked = IntGauge::new(
+        let tracked = gauge(
+            &registry,
             "observer_tracker_sockets",
             "Sockets in the tracking table, including closed ones awaiting a verdict.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(tracked.clone())).expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("observer_build_info", "Build information; the value is always 1."),
-            &["version"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        );
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("observer_build_info", "Build information; the value is always 1."),
+                &["version"],
+            ),
+        );
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("unique metric");
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        registry.register(Box::new(process)).expect("unique metric");
 
         for reason in ["capacity", "replaced"] {
             dropped_sockets.with_label_values(&[reason]);
@@ -329,13 +341,25 @@ impl Metrics {
         self.closes.with_label_values(&values).inc();
     }
 
-    pub fn record_transition(&self, from: TcpState, to: TcpState) {
+    /// Counts an event the reader handed to the tracker, and what the tracker made of
+    /// it (`effect`).
+    pub fn record(&self, event: &SocketEvent, effect: Effect) {
+        self.record_event();
+        if let SocketEvent::Reset(reset) = event {
+            self.record_reset(reset);
+        }
+        if let Effect::Transition { from, to } = effect {
+            self.record_transition(from, to);
+        }
+    }
+
+    fn record_transition(&self, from: TcpState, to: TcpState) {
         self.transition_counters[from as usize][to as usize]
             .get_or_init(|| self.transitions.with_label_values(&[from.name(), to.name()]))
             .inc();
     }
 
-    pub fn record_reset(&self, reset: &Reset) {
+    fn record_reset(&self, reset: &Reset) {
         let reason = match (reset.reason, reset.direction) {
             (Some(reason), _) => reason.name(),
             (None, ResetDirection::Sent) => "unknown",
@@ -348,7 +372,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_event(&self) {
+    fn record_event(&self) {
         self.events.inc();
     }
 
