@@ -9,6 +9,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,7 @@ use crate::{
     inventory::{self, Inventory},
     kernel::{self, loader},
     owner::{self, CgroupNames},
+    scan,
     track::{ClosedConnection, Tracker},
 };
 
@@ -120,9 +122,7 @@ pub async fn run(
     let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
     // The first inventory: sockets older than the daemon are counted from the start.
     let first = Arc::clone(&inventory);
-    if let Ok(snapshot) =
-        tokio::task::spawn_blocking(move || first.refresh(std::time::Duration::ZERO)).await
-    {
+    if let Some(snapshot) = scan::SOCKETS.run(move || first.refresh(Duration::ZERO)).await {
         metrics.set_inventory(&snapshot);
         if snapshot.failures > 0 {
             log::warn!(
@@ -134,9 +134,8 @@ pub async fn run(
     }
     // Sockets older than the daemon: who holds them now is the best owner there is.
     let startup_holders =
-        Arc::new(tokio::task::spawn_blocking(owner::socket_holders).await.unwrap_or_default());
-    let startup_sockets =
-        tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
+        Arc::new(scan::HOLDERS.run(owner::socket_holders).await.unwrap_or_default());
+    let startup_sockets = scan::SOCKETS.run(inventory::list_all).await.unwrap_or_default();
     tracker
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -178,7 +177,7 @@ pub async fn run(
             let stopper = handle.clone();
             tokio::spawn(async move {
                 server_stop.cancelled().await;
-                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
+                stopper.graceful_shutdown(Some(Duration::from_secs(2)));
             });
             tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
         }
@@ -214,7 +213,7 @@ fn owners_by_cookie(
 fn spawn_inventory_refresh(
     inventory: Arc<Inventory>,
     metrics: Arc<Metrics>,
-    interval: std::time::Duration,
+    interval: Duration,
     shutdown: CancellationToken,
 ) {
     if interval.is_zero() {
@@ -227,8 +226,7 @@ fn spawn_inventory_refresh(
                 () = shutdown.cancelled() => return,
             }
             let inventory = Arc::clone(&inventory);
-            if let Ok(snapshot) =
-                tokio::task::spawn_blocking(move || inventory.refresh(interval / 2)).await
+            if let Some(snapshot) = scan::SOCKETS.run(move || inventory.refresh(interval / 2)).await
             {
                 metrics.set_inventory(&snapshot);
             }

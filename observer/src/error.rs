@@ -1,6 +1,8 @@
 //! Errors that stop the daemon, each rendered as one line that says what is missing.
 
-use std::{io, net::SocketAddr, path::PathBuf};
+use std::{error::Error as _, io, net::SocketAddr, path::PathBuf};
+
+use crate::export::web_config::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,8 +18,13 @@ pub enum Error {
     )]
     NoBtf { path: PathBuf },
 
-    #[error("cannot parse kernel BTF at {}: {reason}", path.display())]
-    BtfParse { path: PathBuf, reason: String },
+    #[error("cannot parse kernel BTF at {}", path.display())]
+    BtfParse {
+        path: PathBuf,
+        /// btf-rs's error (our layout) or aya's (the loader's own parse).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     #[error("this kernel has no `{name}` tracepoint (observer needs Linux 5.10+ with BTF)")]
     MissingTracepoint { name: &'static str },
@@ -34,17 +41,21 @@ pub enum Error {
     #[error("failed to attach eBPF program `{program}`: {reason}")]
     Attach { program: &'static str, reason: String },
 
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Listen {
         address: SocketAddr,
         #[source]
         source: io::Error,
     },
 
-    #[error("invalid web config file {}: {reason}", path.display())]
-    Config { path: PathBuf, reason: String },
+    #[error("invalid web config file {}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
 
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: &'static str,
         #[source]
@@ -67,6 +78,23 @@ pub mod exit {
 }
 
 impl Error {
+    /// The error and its causes on one line, `what: why: why…` (a cause's text that the
+    /// line already holds is not repeated; multi-line texts, as YAML parsers write, are
+    /// joined).
+    pub fn one_line(&self) -> String {
+        let mut line = self.to_string();
+        let mut cause = self.source();
+        while let Some(error) = cause {
+            let text = error.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            if !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            cause = error.source();
+        }
+        line
+    }
+
     /// The process exit code for this failure (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {

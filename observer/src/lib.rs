@@ -19,7 +19,8 @@
 //!
 //! Beside the flow: [`inventory`] (every socket the kernel lists now, by socket-diag
 //! netlink, in every network namespace), [`owner`] (processes, cgroups, containers),
-//! [`tcp`] (the TCP vocabulary every stage shares), [`memory`].
+//! [`tcp`] (the TCP vocabulary every stage shares), [`scan`] (the blocking scans, off
+//! the runtime), [`memory`].
 //!
 //! The two entry points, [`daemon::run`] (the exporter) and [`watch::run`] (`observer
 //! watch`), wire those together; [`cli`], [`error`] and [`shutdown`] serve the binary.
@@ -37,6 +38,7 @@ pub mod inventory;
 pub mod kernel;
 pub mod memory;
 pub mod owner;
+pub mod scan;
 pub mod shutdown;
 pub mod tcp;
 pub mod track;

@@ -56,6 +56,6 @@ fn usage_error(error: &clap::Error) -> ExitCode {
 }
 
 fn fail(error: &Error) -> ExitCode {
-    eprintln!("observer: {error}");
+    eprintln!("observer: {}", error.one_line());
     ExitCode::from(error.exit_code())
 }

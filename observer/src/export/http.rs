@@ -28,6 +28,7 @@ use crate::{
     },
     inventory::{self, Inventory, Summary},
     owner::{CgroupNames, Process},
+    scan,
     track::Tracker,
 };
 
@@ -55,9 +56,8 @@ impl AppState {
     /// Brings the live socket counts up to date (see [`INVENTORY_FRESHNESS`]).
     async fn refresh_inventory(&self) {
         let inventory = Arc::clone(&self.inventory);
-        let summary =
-            tokio::task::spawn_blocking(move || inventory.refresh(INVENTORY_FRESHNESS)).await;
-        let summary: Arc<Summary> = summary.unwrap_or_else(|_| self.inventory.latest());
+        let summary = scan::SOCKETS.run(move || inventory.refresh(INVENTORY_FRESHNESS)).await;
+        let summary: Arc<Summary> = summary.unwrap_or_else(|| self.inventory.latest());
         self.metrics.set_inventory(&summary);
     }
 }
@@ -108,7 +108,7 @@ async fn connections(
     let clock = Clock::now();
     if filter.status != StatusFilter::Closed && filter.after.is_none() {
         // Listed afresh: the sockets as they are now, not as the last scrape saw them.
-        let listed = tokio::task::spawn_blocking(inventory::list_all).await.unwrap_or_default();
+        let listed = scan::SOCKETS.run(inventory::list_all).await.unwrap_or_default();
         let live: Vec<_> =
             state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
         let mut cgroups = state.cgroups.lock().unwrap_or_else(PoisonError::into_inner);

@@ -86,12 +86,12 @@ pub struct WebConfig {
 impl WebConfig {
     /// Reads and checks the file; any problem is one [`Error::Config`] naming it.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let fail = |reason: String| Error::Config { path: path.to_path_buf(), reason };
-        let text = std::fs::read_to_string(path).map_err(|error| fail(error.to_string()))?;
+        let fail = |source: ConfigError| Error::Config { path: path.to_path_buf(), source };
+        let text = std::fs::read_to_string(path).map_err(|error| fail(ConfigError::Read(error)))?;
         let file: File = if text.trim().is_empty() {
             File::default()
         } else {
-            serde_norway::from_str(&text).map_err(|error| fail(one_line(&error.to_string())))?
+            serde_norway::from_str(&text).map_err(|error| fail(ConfigError::Yaml(error)))?
         };
         if file.http_server_config.is_some() {
             log::warn!(
@@ -122,12 +122,50 @@ impl WebConfig {
     }
 }
 
-/// Errors of YAML parsers span lines; the daemon's errors are one line.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// What is wrong with a web config file: the part of it, and the cause where there is
+/// one (the one-line rendering is [`crate::error::Error::one_line`]'s).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("not a web config")]
+    Yaml(#[source] serde_norway::Error),
+    #[error("{part}")]
+    Pem {
+        part: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{part}")]
+    Tls {
+        part: &'static str,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client_ca_file")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("cannot compute a bcrypt hash")]
+    Bcrypt(#[source] bcrypt::BcryptError),
+    #[error("basic_auth_users.{user}: not a bcrypt hash")]
+    NotBcrypt {
+        user: String,
+        #[source]
+        source: bcrypt::BcryptError,
+    },
+    /// A value the file may not have, said in full.
+    #[error("{0}")]
+    Invalid(String),
 }
 
-fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+fn pem(part: String) -> impl FnOnce(rustls_pki_types::pem::Error) -> ConfigError {
+    move |source| ConfigError::Pem { part, source }
+}
+
+fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, ConfigError> {
     for (name, value) in [
         ("cipher_suites", &tls.cipher_suites),
         ("curve_preferences", &tls.curve_preferences),
@@ -141,29 +179,30 @@ fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = match (&tls.cert_file, &tls.cert) {
         (Some(file), None) => CertificateDer::pem_file_iter(resolve(file))
             .and_then(Iterator::collect)
-            .map_err(|error| format!("cert_file {}: {error}", resolve(file).display()))?,
-        (None, Some(pem)) => CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map_err(pem(format!("cert_file {}", resolve(file).display())))?,
+        (None, Some(text)) => CertificateDer::pem_slice_iter(text.as_bytes())
             .collect::<Result<_, _>>()
-            .map_err(|error| format!("cert: {error}"))?,
-        (None, None) => return Err("tls_server_config needs cert_file (or cert)".into()),
-        (Some(_), Some(_)) => return Err("give either cert_file or cert, not both".into()),
+            .map_err(pem("cert".into()))?,
+        (None, None) => return Err(invalid("tls_server_config needs cert_file (or cert)")),
+        (Some(_), Some(_)) => return Err(invalid("give either cert_file or cert, not both")),
     };
     if certs.is_empty() {
-        return Err("no certificate in cert_file".into());
+        return Err(invalid("no certificate in cert_file"));
     }
     let key = match (&tls.key_file, &tls.key) {
         (Some(file), None) => PrivateKeyDer::from_pem_file(resolve(file))
-            .map_err(|error| format!("key_file {}: {error}", resolve(file).display()))?,
-        (None, Some(pem)) => PrivateKeyDer::from_pem_slice(pem.as_bytes())
-            .map_err(|error| format!("key: {error}"))?,
-        (None, None) => return Err("tls_server_config needs key_file (or key)".into()),
-        (Some(_), Some(_)) => return Err("give either key_file or key, not both".into()),
+            .map_err(pem(format!("key_file {}", resolve(file).display())))?,
+        (None, Some(text)) => {
+            PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(pem("key".into()))?
+        }
+        (None, None) => return Err(invalid("tls_server_config needs key_file (or key)")),
+        (Some(_), Some(_)) => return Err(invalid("give either key_file or key, not both")),
     };
     let versions = protocol_versions(tls.min_version.as_deref(), tls.max_version.as_deref())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&versions)
-        .map_err(|error| error.to_string())?;
+        .map_err(|source| ConfigError::Tls { part: "TLS versions", source })?;
 
     let client_auth = tls.client_auth_type.as_deref().unwrap_or("NoClientCert");
     let (verify, optional) = match client_auth {
@@ -171,30 +210,31 @@ fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
         "VerifyClientCertIfGiven" => (true, true),
         "RequireAndVerifyClientCert" => (true, false),
         "RequestClientCert" | "RequireAnyClientCert" => {
-            return Err(format!(
+            return Err(invalid(format!(
                 "client_auth_type {client_auth} (client certificates without verification) is \
                  not supported; use VerifyClientCertIfGiven or RequireAndVerifyClientCert"
-            ));
+            )));
         }
-        other => return Err(format!("invalid client_auth_type {other:?}")),
+        other => return Err(invalid(format!("invalid client_auth_type {other:?}"))),
     };
     if !tls.client_allowed_sans.is_empty() {
-        return Err("client_allowed_sans is not supported".into());
+        return Err(invalid("client_allowed_sans is not supported"));
     }
     let builder = if verify {
         let Some(ca_file) = &tls.client_ca_file else {
-            return Err(format!("client_auth_type {client_auth} needs client_ca_file"));
+            return Err(invalid(format!("client_auth_type {client_auth} needs client_ca_file")));
         };
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(resolve(ca_file))
-            .map_err(|error| format!("client_ca_file {}: {error}", resolve(ca_file).display()))?
-        {
-            let cert = cert.map_err(|error| format!("client_ca_file: {error}"))?;
-            roots.add(cert).map_err(|error| format!("client_ca_file: {error}"))?;
+        let part = format!("client_ca_file {}", resolve(ca_file).display());
+        for cert in CertificateDer::pem_file_iter(resolve(ca_file)).map_err(pem(part.clone()))? {
+            let cert = cert.map_err(pem(part.clone()))?;
+            roots
+                .add(cert)
+                .map_err(|source| ConfigError::Tls { part: "client_ca_file", source })?;
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
         let verifier = if optional { verifier.allow_unauthenticated() } else { verifier };
-        builder.with_client_cert_verifier(verifier.build().map_err(|error| error.to_string())?)
+        builder.with_client_cert_verifier(verifier.build().map_err(ConfigError::ClientVerifier)?)
     } else {
         if tls.client_ca_file.is_some() {
             log::warn!("web config: client_ca_file is unused with client_auth_type NoClientCert");
@@ -203,7 +243,7 @@ fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|error| format!("certificate and key: {error}"))?;
+        .map_err(|source| ConfigError::Tls { part: "certificate and key", source })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -211,17 +251,19 @@ fn tls_config(tls: &TlsFile, base: &Path) -> Result<Arc<ServerConfig>, String> {
 fn protocol_versions(
     min: Option<&str>,
     max: Option<&str>,
-) -> Result<Vec<&'static SupportedProtocolVersion>, String> {
+) -> Result<Vec<&'static SupportedProtocolVersion>, ConfigError> {
     let rank = |name: &str| match name {
         "TLS12" => Ok(0),
         "TLS13" => Ok(1),
-        "TLS10" | "TLS11" => Err(format!("{name} is not supported (TLS 1.2 is the oldest)")),
-        other => Err(format!("invalid TLS version {other:?} (TLS12 or TLS13)")),
+        "TLS10" | "TLS11" => {
+            Err(invalid(format!("{name} is not supported (TLS 1.2 is the oldest)")))
+        }
+        other => Err(invalid(format!("invalid TLS version {other:?} (TLS12 or TLS13)"))),
     };
     let low = min.map(rank).transpose()?.unwrap_or(0);
     let high = max.map(rank).transpose()?.unwrap_or(1);
     if low > high {
-        return Err("min_version is above max_version".into());
+        return Err(invalid("min_version is above max_version"));
     }
     Ok([&TLS12, &TLS13][low..=high].to_vec())
 }
@@ -235,20 +277,20 @@ pub struct BasicAuth {
 }
 
 impl BasicAuth {
-    fn new(users: HashMap<String, String>) -> Result<Self, String> {
+    fn new(users: HashMap<String, String>) -> Result<Self, ConfigError> {
         // The cost of the real hashes: an unknown user costs what a known one does.
         let mut cost = 4;
         for (user, hash) in &users {
             let parts: bcrypt::HashParts = hash
                 .parse()
-                .map_err(|error| format!("basic_auth_users.{user}: not a bcrypt hash ({error})"))?;
+                .map_err(|source| ConfigError::NotBcrypt { user: user.clone(), source })?;
             cost = cost.max(parts.get_cost());
             if user.contains(':') {
-                return Err(format!("basic_auth_users: user name {user:?} contains ':'"));
+                return Err(invalid(format!("basic_auth_users: user name {user:?} contains ':'")));
             }
         }
-        let dummy_hash = bcrypt::hash("observer: no such user", cost)
-            .map_err(|error| format!("cannot compute a bcrypt hash: {error}"))?;
+        let dummy_hash =
+            bcrypt::hash("observer: no such user", cost).map_err(ConfigError::Bcrypt)?;
         Ok(Self { users, dummy_hash })
     }
 
@@ -341,12 +383,13 @@ mod tests {
             ("tls_server_config: {cert_file: \"a\"\n", "line 1"),
         ] {
             let path = write("bad.yml", text);
-            let error = WebConfig::load(&path).err().expect(text).to_string();
+            // As the daemon prints it: the error and its causes, on one line.
+            let error = WebConfig::load(&path).err().expect(text).one_line();
             assert!(error.contains(expected), "{text:?}: {error}");
             assert_eq!(error.lines().count(), 1, "{error}");
         }
         assert_eq!(
-            protocol_versions(Some("TLS10"), None).unwrap_err(),
+            protocol_versions(Some("TLS10"), None).unwrap_err().to_string(),
             "TLS10 is not supported (TLS 1.2 is the oldest)"
         );
         assert_eq!(protocol_versions(Some("TLS13"), None).unwrap().len(), 1);

@@ -133,7 +133,7 @@ impl KernelLayout {
         }
         let btf = Btf::from_file(path).map_err(|source| Error::BtfParse {
             path: path.to_path_buf(),
-            reason: source.to_string(),
+            source: source.into(),
         })?;
         Self::from_btf(&btf)
     }

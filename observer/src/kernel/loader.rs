@@ -189,9 +189,8 @@ pub fn load(
     let rings = create_cpu_rings(&mut ebpf, cpus, ring_bytes)?;
     log::debug!("{cpus} ring buffers of {ring_bytes} bytes, one per possible CPU");
 
-    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|error| {
-        Error::BtfParse { path: btf_path.to_path_buf(), reason: error.to_string() }
-    })?;
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
+        .map_err(|error| Error::BtfParse { path: btf_path.to_path_buf(), source: error.into() })?;
     let mut primaries = Vec::new();
     for (tracepoint, candidates) in PROGRAMS {
         let mut failure = None;
