@@ -216,7 +216,7 @@ fn run_with_unit_capabilities(unit_path: &Path, binary: &Path) -> anyhow::Result
         status.lines().find_map(|line| line.strip_prefix(name)).unwrap_or("").trim().to_string()
     };
     // Once attached, the daemon drops all but what its socket inventory needs
-    // (observer/src/privileges.rs, docs/security.md).
+    // (observer/src/kernel/privileges.rs, docs/security.md).
     let expected: u64 = granted
         .iter()
         .filter(|(name, _)| KEPT_AFTER_ATTACH.contains(name))
