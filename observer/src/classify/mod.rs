@@ -86,8 +86,8 @@ pub struct History {
 }
 
 /// The RSTs of one socket, in order. Inline up to two (a connection sees one or two):
-/// a verdict is kept for `/connections` long after it is made, and freeing a heap
-/// allocation that old was a tenth of the daemon's time under churn.
+/// a verdict is kept for `/connections` long after it is made, and freeing heap
+/// allocations that old is costly under churn (docs/benchmarks.md).
 pub type ResetList = SmallVec<[ResetSeen; 2]>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

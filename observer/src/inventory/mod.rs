@@ -222,9 +222,9 @@ impl Default for Inventory {
 /// A listing is reused for at least this many times as long as it took.
 const COST_LIMIT: u32 = 20;
 
-/// How long a listing that took `took` is reused at least: listing every socket of a
-/// host costs ~0.3 µs per socket and namespace (the kernel walks all its sockets for each
-/// namespace), so with millions of them scrapes would otherwise keep a core busy. This
+/// How long a listing that took `took` is reused at least: a listing costs in proportion
+/// to every socket of the host times the namespaces (the kernel walks all its sockets for
+/// each namespace), so scrapes of a large host would otherwise keep a core busy. This
 /// keeps the inventory under 1/[`COST_LIMIT`] of a core, whatever the host holds.
 pub fn reuse_time(took: Duration) -> Duration {
     took * COST_LIMIT

@@ -16,8 +16,8 @@ use crate::{owner::process::Process, tcp::TcpState};
 /// The states a socket went through, first to current, four bits each (the first in the
 /// lowest bits, 0 = none). Past [`StatePath::CAPACITY`] states, the last one shown is the
 /// current state. A value, not a `Vec`: a verdict carries it to `/connections`, which
-/// keeps it long after, and freeing that old an allocation was a tenth of the daemon's
-/// time under churn.
+/// keeps it long after, and freeing allocations that old is costly under churn
+/// (docs/benchmarks.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatePath(u64);
 
