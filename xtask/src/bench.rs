@@ -928,6 +928,152 @@ mod tests {
         assert_eq!(median(Vec::new()), 0.0);
     }
 
+    fn cost(connections_per_second: f64, expected_transitions: u64, ns: u64, runs: u64) -> CostRun {
+        CostRun {
+            connections_per_second,
+            expected_transitions,
+            bpf: ProgramStats {
+                programs: 4,
+                run_time_ns: ns,
+                run_count: runs,
+                recursion_misses: 3,
+            },
+        }
+    }
+
+    /// Two rounds of every configuration, with every optional figure present in some
+    /// and missing in others.
+    fn fixture() -> HashMap<&'static str, Vec<Measure>> {
+        let base = |rate: f64, baseline: f64| Measure {
+            connections_per_second: rate,
+            threads: 2,
+            expected_transitions: 1_000_000,
+            expected_closes: 200_000,
+            expected_events: 1_300_000,
+            syscall_ns: 48.4,
+            baseline,
+            ..Measure::default()
+        };
+        let none =
+            vec![base(100_000.0, 100_000.0), base(98_000.0, 98_000.0), base(102_500.0, 102_500.0)];
+        let observer = vec![
+            Measure {
+                events: Some(1_299_000),
+                transitions: Some(999_500),
+                closes: Some(199_990),
+                lost: Some(0),
+                cost: Some(cost(88_000.0, 990_000, 450_000_000, 2_100_000)),
+                cpu_seconds: Some(1.25),
+                peak_rss_kib: Some(20_480),
+                rss_kib: Some(18_000),
+                tracked_sockets: Some(12),
+                ..base(91_000.0, 99_000.0)
+            },
+            Measure {
+                events: Some(1_300_000),
+                transitions: Some(1_000_000),
+                closes: Some(200_000),
+                lost: Some(7),
+                cost: Some(cost(87_500.0, 1_010_000, 470_000_000, 2_150_000)),
+                cpu_seconds: Some(1.5),
+                peak_rss_kib: Some(21_000),
+                rss_kib: Some(17_500),
+                tracked_sockets: Some(10),
+                failed: 3,
+                syscall_ns: 51.0,
+                ..base(90_000.0, 100_250.0)
+            },
+        ];
+        let hooks = vec![
+            Measure {
+                cost: Some(cost(95_000.0, 1_000_000, 90_000_000, 2_000_000)),
+                ..base(97_000.0, 99_000.0)
+            },
+            Measure { cost: None, ..base(96_000.0, 100_250.0) },
+        ];
+        let bpftrace = vec![
+            Measure {
+                events: Some(1_990_000),
+                cost: Some(cost(70_000.0, 1_000_000, 300_000_000, 1_000_000)),
+                ..base(80_000.0, 99_000.0)
+            },
+            Measure {
+                events: None,
+                cost: Some(cost(71_000.0, 1_000_000, 310_000_000, 1_000_000)),
+                ..base(81_000.0, 100_250.0)
+            },
+        ];
+        let libbpf_tools = vec![
+            Measure {
+                lost: Some(107),
+                cost: Some(cost(60_000.0, 1_000_000, 600_000_000, 3_000_000)),
+                ..base(65_000.0, 99_000.0)
+            },
+            Measure {
+                lost: Some(612),
+                cost: Some(cost(61_000.0, 1_000_000, 610_000_000, 3_000_000)),
+                ..base(66_000.0, 100_250.0)
+            },
+        ];
+        let idle = vec![Measure {
+            events: Some(1_300_000),
+            transitions: Some(1_000_000),
+            closes: Some(200_000),
+            lost: Some(0),
+            cost: Some(cost(85_000.0, 1_000_000, 500_000_000, 2_200_000)),
+            cpu_seconds: Some(1.75),
+            peak_rss_kib: Some(60_000),
+            rss_kib: Some(58_000),
+            tracked_sockets: Some(100_012),
+            setup_lost: Some(5),
+            teardown_lost: Some(9),
+            ..base(89_000.0, 99_000.0)
+        }];
+        HashMap::from([
+            ("none", none),
+            ("observer", observer),
+            ("observer-hooks", hooks),
+            ("bpftrace", bpftrace),
+            ("libbpf-tools", libbpf_tools),
+            ("observer-idle", idle),
+        ])
+    }
+
+    #[test]
+    fn table_text_is_pinned() {
+        let text = table(&Config::ALL, &fixture(), 50_000, true);
+        assert_eq!(
+            text,
+            "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | none | 100000 | 1.000 | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n\
+             | observer | 90500 | 0.908 | 0.881 | 216 | 460 | 2599000/2600000 (99.96%) | 100.00% | 7 | 1.06 | 13.8% | 17.6 | 20.5 | 50 |\n\
+             | observer's hooks, programs returning at once | 96500 | 0.969 | - | 45 | 90 | - | - | - | - | - | - | - | 48 |\n\
+             | bpftrace | 80500 | 0.808 | 0.708 | 305 | 305 | 1990000/2000000 (99.50%) | - | - | - | - | - | - | 48 |\n\
+             | libbpf-tools | 65500 | 0.657 | 0.607 | 202 | 605 | - | - | 719 | - | - | - | - | 48 |\n\
+             | observer + 50000 idle connections (100012 tracked sockets) | 89000 | 0.899 | 0.859 | 227 | 500 | 1300000/1300000 (100.00%) | 100.00% | 0 | 1.35 | 17.5% | 56.6 | 58.6 | 48 |\n\
+             \n\
+             Outside the churn, events lost when the 50000 idle connections were all opened at once: 5; when they were all closed at once: 9.\n\
+             \n\
+             3 connection attempts did not end as intended (not counted).\n\
+             \n\
+             DISTURBED: other processes' BPF tracing programs were loaded during the run (listed above).\n"
+        );
+    }
+
+    #[test]
+    fn table_skips_configurations_without_runs() {
+        let mut results = fixture();
+        results.retain(|&name, _| name == "none");
+        let text = table(&Config::ALL, &results, 0, false);
+        assert_eq!(
+            text,
+            "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | none | 100000 | 1.000 | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n"
+        );
+    }
+
     #[test]
     fn sums_metrics_and_counts_closes_on_the_churn_ports_only() {
         let metrics = Metrics::parse(
