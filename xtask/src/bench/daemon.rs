@@ -1,5 +1,6 @@
 //! The bench's observer daemon as the bench sees it: its `/metrics`, scraped once a
-//! second as Prometheus would, and read for the figures.
+//! second as Prometheus would, and read for the figures (observer-exposition parses
+//! them).
 
 use std::{
     sync::{
@@ -8,6 +9,8 @@ use std::{
     },
     time::Duration,
 };
+
+use observer_exposition::Exposition;
 
 use super::{measure::Ports, system};
 
@@ -37,9 +40,9 @@ impl Daemon {
         Self { pid, url, agent, scraping, scraper: Some(scraper) }
     }
 
-    pub fn metrics(&self) -> anyhow::Result<Metrics> {
+    pub fn metrics(&self) -> anyhow::Result<Exposition> {
         let text = self.agent.get(&self.url).call()?.body_mut().read_to_string()?;
-        Ok(Metrics::parse(&text))
+        Ok(Exposition::parse(&text))
     }
 }
 
@@ -58,7 +61,7 @@ pub fn settle(daemon: &Daemon) {
     let mut last = f64::NAN;
     system::wait_for(Duration::from_secs(30), || {
         let Ok(metrics) = daemon.metrics() else { return false };
-        let transitions = metrics.sum("observer_tcp_transitions_total");
+        let transitions = metrics.sum("observer_tcp_transitions_total", &[]);
         let settled = transitions == last;
         last = transitions;
         settled
@@ -66,48 +69,8 @@ pub fn settle(daemon: &Daemon) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-/// One line of a Prometheus text exposition.
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-/// The samples of a Prometheus text exposition.
-pub struct Metrics(Vec<Sample>);
-
-impl Metrics {
-    fn parse(text: &str) -> Self {
-        let samples = text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let value: f64 = value.parse().ok()?;
-                let (name, labels) = match series.split_once('{') {
-                    Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let labels = labels
-                    .split(',')
-                    .filter_map(|pair| {
-                        let (key, value) = pair.split_once('=')?;
-                        Some((key.to_string(), value.trim_matches('"').to_string()))
-                    })
-                    .collect();
-                Some(Sample { name: name.to_string(), labels, value })
-            })
-            .collect();
-        Self(samples)
-    }
-
-    pub fn sum(&self, name: &str) -> f64 {
-        self.0.iter().filter(|sample| sample.name == name).map(|sample| sample.value).sum()
-    }
-}
-
 /// Verdicts on connections to the churn's ports (its namespace's, not the host's).
-pub fn closes_on(metrics: &Metrics, ports: &Ports) -> f64 {
+pub fn closes_on(metrics: &Exposition, ports: &Ports) -> f64 {
     let ours: Vec<String> =
         ports.fin.iter().chain(&ports.rst).chain(&ports.refused).map(u16::to_string).collect();
     metrics
@@ -127,15 +90,15 @@ mod tests {
 
     #[test]
     fn sums_metrics_and_counts_closes_on_the_churn_ports_only() {
-        let metrics = Metrics::parse(
+        let metrics = Exposition::parse(
             "# TYPE observer_events_total counter\n\
              observer_events_total 12\n\
              observer_tcp_closes_total{class=\"fin\",cause=\"active\",role=\"client\",port=\"4000\"} 5\n\
              observer_tcp_closes_total{class=\"rst\",cause=\"refused\",role=\"client\",port=\"4001\"} 2\n\
              observer_tcp_closes_total{class=\"fin\",cause=\"active\",role=\"client\",port=\"22\"} 7\n",
         );
-        assert_eq!(metrics.sum("observer_events_total"), 12.0);
-        assert_eq!(metrics.sum("observer_tcp_closes_total"), 14.0);
+        assert_eq!(metrics.sum("observer_events_total", &[]), 12.0);
+        assert_eq!(metrics.sum("observer_tcp_closes_total", &[]), 14.0);
         let ports = Ports { fin: vec![4000], rst: vec![], refused: vec![4001] };
         assert_eq!(closes_on(&metrics, &ports), 7.0);
     }

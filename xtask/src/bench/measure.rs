@@ -5,11 +5,12 @@
 use std::{io::Read as _, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, bail};
+use observer_exposition::Exposition;
 use serde::Deserialize;
 
 use super::{
     Bench, Config,
-    daemon::{Daemon, Metrics, closes_on, settle},
+    daemon::{Daemon, closes_on, settle},
     running::{IdleConnections, Running},
     system::{self, BpfStats, Process, ProgramStats},
 };
@@ -137,7 +138,7 @@ pub struct Measure {
 
 /// The daemon's figures as the churn starts, which its own are counted from.
 struct DaemonBefore {
-    metrics: Metrics,
+    metrics: Exposition,
     cpu_seconds: Option<f64>,
 }
 
@@ -242,10 +243,11 @@ impl Measure {
         ports: &Ports,
     ) -> anyhow::Result<()> {
         let churn_closes =
-            |metrics: &Metrics| closes_on(metrics, ports) - closes_on(&before.metrics, ports);
+            |metrics: &Exposition| closes_on(metrics, ports) - closes_on(&before.metrics, ports);
         wait_for_verdicts(daemon, self.expected_closes, &churn_closes);
         let after = daemon.metrics()?;
-        let delta = |name: &str| (after.sum(name) - before.metrics.sum(name)).max(0.0) as u64;
+        let delta =
+            |name: &str| (after.sum(name, &[]) - before.metrics.sum(name, &[])).max(0.0) as u64;
         self.events = Some(delta("observer_events_total"));
         self.transitions = Some(delta("observer_tcp_transitions_total"));
         self.lost = Some(delta("observer_events_lost_total"));
@@ -254,7 +256,7 @@ impl Measure {
             (Some(before), Some(after)) => Some(after - before),
             _ => None,
         };
-        self.tracked_sockets = Some(after.sum("observer_tracker_sockets") as u64);
+        self.tracked_sockets = Some(after.sum("observer_tracker_sockets", &[]) as u64);
         self.rss_kib = system::rss_kib(daemon.pid);
         self.peak_rss_kib = system::peak_rss_kib(daemon.pid);
         Ok(())
@@ -286,7 +288,7 @@ impl Measure {
 
 /// Verdicts come 100 ms after each close; waits until the churn's are all in (or stop
 /// coming).
-fn wait_for_verdicts(daemon: &Daemon, expected: u64, churn_closes: &dyn Fn(&Metrics) -> f64) {
+fn wait_for_verdicts(daemon: &Daemon, expected: u64, churn_closes: &dyn Fn(&Exposition) -> f64) {
     let mut last = 0.0;
     let mut stable = 0;
     system::wait_for(Duration::from_secs(15), || {

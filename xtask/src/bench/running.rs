@@ -96,7 +96,7 @@ impl Bench<'_> {
     /// Opens the idle connections (in the bench namespace, tracked by `daemon`) and
     /// waits until the daemon has taken them all in.
     fn hold_idle(&self, daemon: &Daemon) -> anyhow::Result<IdleConnections> {
-        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        let before = daemon.metrics()?.sum("observer_events_lost_total", &[]);
         let mut command =
             self.namespace.command(&target_dir().join("release/churn").display().to_string());
         command
@@ -114,8 +114,8 @@ impl Bench<'_> {
         }
         settle(daemon);
         let metrics = daemon.metrics()?;
-        let setup_lost = (metrics.sum("observer_events_lost_total") - before).max(0.0) as u64;
-        let tracked = metrics.sum("observer_tracker_sockets") as u64;
+        let setup_lost = (metrics.sum("observer_events_lost_total", &[]) - before).max(0.0) as u64;
+        let tracked = metrics.sum("observer_tracker_sockets", &[]) as u64;
         Ok(IdleConnections { holder, setup_lost, tracked })
     }
 }
@@ -168,14 +168,14 @@ pub struct IdleConnections {
 impl IdleConnections {
     /// Closes them all at once; returns the events lost meanwhile.
     pub fn release(mut self, daemon: &Daemon) -> anyhow::Result<u64> {
-        let before = daemon.metrics()?.sum("observer_events_lost_total");
+        let before = daemon.metrics()?.sum("observer_events_lost_total", &[]);
         drop(self.holder.child().stdin.take());
         let status = self.holder.child().wait()?;
         if !status.success() {
             bail!("the idle connection holder failed ({status})");
         }
         settle(daemon);
-        Ok((daemon.metrics()?.sum("observer_events_lost_total") - before).max(0.0) as u64)
+        Ok((daemon.metrics()?.sum("observer_events_lost_total", &[]) - before).max(0.0) as u64)
     }
 }
 
