@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use observer_exposition::Exposition;
 use serde::Deserialize;
 
 use crate::net::Namespace;
@@ -299,30 +300,19 @@ impl Daemon {
         self.verdicts(namespace, 1).remove(0)
     }
 
+    /// The daemon's `/metrics`, parsed.
+    fn exposition(&self) -> Exposition {
+        Exposition::parse(&self.get("/metrics"))
+    }
+
     /// Samples of the exposition, keyed by `name{labels}` as printed.
     pub fn metrics(&self) -> HashMap<String, f64> {
-        self.get("/metrics")
-            .lines()
-            .filter(|line| !line.starts_with('#') && !line.is_empty())
-            .filter_map(|line| {
-                let (key, value) = line.rsplit_once(' ')?;
-                Some((key.to_string(), value.parse().ok()?))
-            })
-            .collect()
+        self.exposition().0.into_iter().map(|sample| (sample.series, sample.value)).collect()
     }
 
     /// Sum of the samples of `name` whose labels include every `label="value"` given.
     pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.metrics()
-            .iter()
-            .filter(|(key, _)| {
-                key.split('{').next() == Some(name)
-                    && labels
-                        .iter()
-                        .all(|(label, value)| key.contains(&format!("{label}=\"{value}\"")))
-            })
-            .map(|(_, value)| value)
-            .sum()
+        self.exposition().sum(name, labels)
     }
 
     pub fn log_tail(&self) -> String {
