@@ -31,7 +31,7 @@ use crate::{
         web_config,
     },
     inventory::{self, Inventory},
-    kernel::{self, loader},
+    kernel::{self, privileges},
     owner::{self, CgroupNames},
     scan,
     track::{ClosedConnection, Tracker},
@@ -101,12 +101,12 @@ pub async fn run(
         Some(path) => web_config::WebConfig::load(path)?,
         None => web_config::WebConfig::default(),
     };
-    loader::check_privileges()?;
+    let may_load = privileges::check()?;
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
-    let (layout, attached) = kernel::attach(&common)?;
+    let (layout, attached) = kernel::attach(&common, may_load)?;
 
     let close_labels = CloseLabels {
         netns: args.netns_label,

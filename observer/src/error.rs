@@ -1,6 +1,6 @@
 //! Errors that stop the daemon, each rendered as one line that says what is missing.
 
-use std::{error::Error as _, io, net::SocketAddr, path::PathBuf};
+use std::{io, net::SocketAddr, path::PathBuf};
 
 use crate::export::web_config::ConfigError;
 
@@ -32,14 +32,37 @@ pub enum Error {
     #[error("this kernel's BTF has no `{field}` in struct sock/tcp_sock; unsupported kernel")]
     KernelLayout { field: &'static str },
 
-    #[error("failed to load eBPF program `{program}`: {reason}")]
-    LoadProgram { program: &'static str, reason: String },
+    #[error("the eBPF object has no {what}: it was not built from these sources")]
+    NotInObject { what: String },
 
-    #[error("failed to load the eBPF object: {reason}")]
-    LoadObject { reason: String },
+    #[error("the kernel refused eBPF program `{program}` (--log.level=debug shows why)")]
+    LoadProgram {
+        program: &'static str,
+        /// aya's error; for a verifier refusal only the system call's error (the
+        /// verifier's log, many lines, goes to the debug log).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
-    #[error("failed to attach eBPF program `{program}`: {reason}")]
-    Attach { program: &'static str, reason: String },
+    #[error("failed to load the eBPF object")]
+    LoadObject {
+        #[source]
+        source: aya::EbpfError,
+    },
+
+    #[error("cannot set up the eBPF map `{map}`")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error("failed to attach eBPF program `{program}`")]
+    Attach {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 
     #[error("cannot listen on {address}")]
     Listen {
@@ -63,53 +86,47 @@ pub enum Error {
     },
 }
 
-/// Process exit codes, one per kind of failure, so that a unit manager or a script can
-/// tell them apart (README "Exit codes"). 2 is clap's, for a bad command line.
-pub mod exit {
-    pub const RUNTIME: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const CONFIG: u8 = 3;
-    pub const PRIVILEGES: u8 = 4;
-    pub const NO_BTF: u8 = 5;
-    pub const BAD_BTF: u8 = 6;
-    pub const UNSUPPORTED_KERNEL: u8 = 7;
-    pub const BPF_LOAD: u8 = 8;
-    pub const LISTEN: u8 = 9;
-}
+/// The exit code of a bad command line (clap's own); [`Error::exit_code`] gives the others.
+pub const USAGE_EXIT: u8 = 2;
 
 impl Error {
-    /// The error and its causes on one line, `what: why: why…` (a cause's text that the
-    /// line already holds is not repeated; multi-line texts, as YAML parsers write, are
-    /// joined).
+    /// The error and its causes on one line (see [`one_line`]).
     pub fn one_line(&self) -> String {
-        let mut line = self.to_string();
-        let mut cause = self.source();
-        while let Some(error) = cause {
-            let text = error.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-            if !line.contains(&text) {
-                line.push_str(": ");
-                line.push_str(&text);
-            }
-            cause = error.source();
-        }
-        line
+        one_line(self)
     }
 
-    /// The process exit code for this failure (see [`exit`]).
+    /// The process exit code: one per kind of failure, so that a unit manager or a
+    /// script can tell them apart (README "Exit codes"; 2 is [`USAGE_EXIT`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config { .. } => exit::CONFIG,
-            Error::Privileges { .. } => exit::PRIVILEGES,
-            Error::NoBtf { .. } => exit::NO_BTF,
-            Error::BtfParse { .. } => exit::BAD_BTF,
-            Error::MissingTracepoint { .. } | Error::KernelLayout { .. } => {
-                exit::UNSUPPORTED_KERNEL
-            }
-            Error::LoadProgram { .. } | Error::LoadObject { .. } | Error::Attach { .. } => {
-                exit::BPF_LOAD
-            }
-            Error::Listen { .. } => exit::LISTEN,
-            Error::Io { .. } => exit::RUNTIME,
+            Error::Io { .. } => 1,
+            Error::Config { .. } => 3,
+            Error::Privileges { .. } => 4,
+            Error::NoBtf { .. } => 5,
+            Error::BtfParse { .. } => 6,
+            Error::MissingTracepoint { .. } | Error::KernelLayout { .. } => 7,
+            Error::NotInObject { .. }
+            | Error::LoadProgram { .. }
+            | Error::LoadObject { .. }
+            | Error::Map { .. }
+            | Error::Attach { .. } => 8,
+            Error::Listen { .. } => 9,
         }
     }
+}
+
+/// An error and its causes on one line, `what: why: why…` (a cause's text that the line
+/// already holds is not repeated; multi-line texts, as YAML parsers write, are joined).
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let text = error.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = error.source();
+    }
+    line
 }

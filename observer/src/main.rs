@@ -52,7 +52,7 @@ fn usage_error(error: &clap::Error) -> ExitCode {
     let text = error.to_string();
     let first = text.lines().next().unwrap_or("invalid command line");
     eprintln!("observer: {} (see observer --help)", first.trim_start_matches("error: "));
-    ExitCode::from(observer::error::exit::USAGE)
+    ExitCode::from(observer::error::USAGE_EXIT)
 }
 
 fn fail(error: &Error) -> ExitCode {

@@ -5,6 +5,7 @@
 //! (identical from 5.10 to 6.18); reset reasons are resolved by *name* from the running
 //! kernel's BTF, so their numbers are never assumed.
 
+use observer_common::kernel;
 use serde::{Deserialize, Serialize};
 
 /// A TCP state as the `inet_sock_set_state` tracepoint reports it.
@@ -53,19 +54,19 @@ impl TcpState {
 
     pub fn from_kernel(value: u32) -> Self {
         match value {
-            1 => Self::Established,
-            2 => Self::SynSent,
-            3 => Self::SynRecv,
-            4 => Self::FinWait1,
-            5 => Self::FinWait2,
-            6 => Self::TimeWait,
-            7 => Self::Close,
-            8 => Self::CloseWait,
-            9 => Self::LastAck,
-            10 => Self::Listen,
-            11 => Self::Closing,
-            12 => Self::NewSynRecv,
-            13 => Self::BoundInactive,
+            kernel::TCP_ESTABLISHED => Self::Established,
+            kernel::TCP_SYN_SENT => Self::SynSent,
+            kernel::TCP_SYN_RECV => Self::SynRecv,
+            kernel::TCP_FIN_WAIT1 => Self::FinWait1,
+            kernel::TCP_FIN_WAIT2 => Self::FinWait2,
+            kernel::TCP_TIME_WAIT => Self::TimeWait,
+            kernel::TCP_CLOSE => Self::Close,
+            kernel::TCP_CLOSE_WAIT => Self::CloseWait,
+            kernel::TCP_LAST_ACK => Self::LastAck,
+            kernel::TCP_LISTEN => Self::Listen,
+            kernel::TCP_CLOSING => Self::Closing,
+            kernel::TCP_NEW_SYN_RECV => Self::NewSynRecv,
+            kernel::TCP_BOUND_INACTIVE => Self::BoundInactive,
             _ => Self::Unknown,
         }
     }

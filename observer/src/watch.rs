@@ -70,7 +70,7 @@ pub async fn run(
     common: CommonArgs,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (layout, attached) = kernel::attach(&common)?;
+    let (layout, attached) = kernel::attach(&common, kernel::privileges::check()?)?;
     let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
     let sink =
         WatchSink { args: args.clone(), cgroups: CgroupNames::new(), stop: shutdown.clone() };

@@ -12,6 +12,7 @@ use std::{
 
 use observer_common::{
     CloseEvent, EventHeader, EventKind, NO_REASON, OwnerEvent, ResetEvent, SockField, StateEvent,
+    kernel::{AF_INET, AF_INET6},
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,9 +25,6 @@ use crate::{
 /// The socket pointer: a socket's identity while it is alive (reused after it is freed,
 /// which the tracker handles).
 pub type SocketId = u64;
-
-const AF_INET: u64 = 2;
-const AF_INET6: u64 = 10;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -231,10 +229,10 @@ impl Decoder {
             port => port,
         };
         let remote_port = u16::from_be(identity(SockField::DestinationPort) as u16);
-        let (local_ip, remote_ip) = if family == AF_INET6 {
+        let (local_ip, remote_ip) = if family == u64::from(AF_INET6) {
             let (local, remote) = raw.v6_addresses.split_at(2);
             (IpAddr::V6(ipv6(local)), IpAddr::V6(ipv6(remote)))
-        } else if family == AF_INET || family == 0 {
+        } else if family == u64::from(AF_INET) || family == 0 {
             let v4 = |value: u64| IpAddr::V4(Ipv4Addr::from((value as u32).to_ne_bytes()));
             (v4(identity(SockField::SourceAddr4)), v4(identity(SockField::DestinationAddr4)))
         } else {

@@ -23,7 +23,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use observer_common::WAKEUP_INTERVAL_NS;
+use observer_common::programs::WAKEUP_INTERVAL_NS;
 use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 

@@ -278,7 +278,7 @@ mod tests {
         vec![NamespaceSockets { netns: NETNS, sockets: vec![socket] }]
     }
 
-    fn join(
+    fn join_with(
         live: &[LiveSocket],
         namespaces: &[NamespaceSockets],
         recent: &RecentConnections,
@@ -287,14 +287,14 @@ mod tests {
         open_connections(live, namespaces, recent, holders, &mut CgroupNames::new(), &Clock::now())
     }
 
+    /// The join with no verdict and no start-up holder known.
+    fn join(live: &[LiveSocket], namespaces: &[NamespaceSockets]) -> Vec<ConnectionReport> {
+        join_with(live, namespaces, &RecentConnections::new(8), &HashMap::new())
+    }
+
     #[test]
     fn a_tracked_socket_is_listed_once_with_the_inventorys_counters() {
-        let reports = join(
-            &live_client(7),
-            &listed(Established, 7, 0),
-            &RecentConnections::new(8),
-            &HashMap::new(),
-        );
+        let reports = join(&live_client(7), &listed(Established, 7, 0));
         assert_eq!(reports.len(), 1, "{reports:#?}");
         let report = &reports[0];
         assert_eq!((report.role, report.port, report.bytes_acked), (Role::Client, 80, 100));
@@ -305,12 +305,7 @@ mod tests {
     /// Kernels before 5.12 give the tracker no cookie.
     #[test]
     fn a_socket_without_a_cookie_is_matched_by_its_addresses() {
-        let reports = join(
-            &live_client(0),
-            &listed(Established, 9, 0),
-            &RecentConnections::new(8),
-            &HashMap::new(),
-        );
+        let reports = join(&live_client(0), &listed(Established, 9, 0));
         assert_eq!(reports.len(), 1, "{reports:#?}");
         assert_eq!((reports[0].owner.pid(), reports[0].bytes_acked), (Some(10), 100));
     }
@@ -331,7 +326,7 @@ mod tests {
         tracker.flush(&mut decided);
         let recent = RecentConnections::new(8);
         recent.push(decided.pop().expect("a verdict"), None);
-        let reports = join(&[], &listed(TimeWait, 7, 0), &recent, &HashMap::new());
+        let reports = join_with(&[], &listed(TimeWait, 7, 0), &recent, &HashMap::new());
         assert_eq!(reports.len(), 1, "{reports:#?}");
         let report = &reports[0];
         assert_eq!((report.state, report.role, report.port), (TimeWait, Role::Client, 80));
@@ -343,10 +338,11 @@ mod tests {
     fn a_socket_older_than_the_daemon_is_owned_by_its_startup_holder() {
         let holders = HashMap::from([(4242, process(99))]);
         let namespaces = listed(Established, 5, 4242);
-        let reports = join(&[], &namespaces, &RecentConnections::new(8), &holders);
+        let reports = join_with(&[], &namespaces, &RecentConnections::new(8), &holders);
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].owner.pid(), Some(99));
-        let unknown = join(&[], &listed(Established, 5, 1), &RecentConnections::new(8), &holders);
+        let unknown =
+            join_with(&[], &listed(Established, 5, 1), &RecentConnections::new(8), &holders);
         assert_eq!(unknown[0].owner.pid(), None);
     }
 

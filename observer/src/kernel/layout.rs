@@ -13,15 +13,15 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, BitField, FdWalk, FieldLoad, ProgramConfig, SockField, TaskConfig};
+use observer_common::{
+    ABSENT, BitField, FdWalk, FieldLoad, ProgramConfig, SockField, TaskConfig,
+    programs::TRACEPOINTS,
+};
 
 use crate::{error::Error, tcp::ResetReason};
 
 /// The kernel's BTF, where the kernel exposes it.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-
-/// Tracepoints observer attaches to (as tp_btf programs of the same name).
-pub const TRACEPOINTS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
 
 /// How to extract one field from the word the program loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,7 +140,7 @@ impl KernelLayout {
 
     pub fn from_btf(btf: &Btf) -> Result<Self, Error> {
         let resolver = Resolver { btf };
-        for tracepoint in TRACEPOINTS {
+        for tracepoint in TRACEPOINTS.map(|tracepoint| tracepoint.name) {
             if resolver.tracepoint_arguments(tracepoint).is_none() {
                 return Err(Error::MissingTracepoint { name: tracepoint });
             }

@@ -1,50 +1,29 @@
 //! Loads the embedded eBPF object into the running kernel and attaches its programs.
 //!
-//! Order matters for the error a user sees: privileges first (one clear line instead of
-//! an EPERM from deep inside the loader), then the kernel's BTF and tracepoints, then
-//! the load. [`Attached`] owns the object: dropping it detaches everything.
+//! Order matters for the error a user sees: privileges first (`privileges::check`), then
+//! the kernel's BTF and tracepoints, then the load. [`Attached`] owns the object: dropping it detaches everything.
 
 use std::{
-    fs,
+    fs, io,
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    path::PathBuf,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, Map, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FExit, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FExit, Program, ProgramError, TracePoint},
 };
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
-
-use crate::{
-    error::Error,
-    kernel::layout::{self, KernelLayout},
+use observer_common::programs::{
+    ACCEPT_EXIT_PROGRAM, ACCEPT_FUNCTION, ACCEPT_SYSCALL_PROGRAMS, LOST_HANDLED_BY_STANDBY,
+    LOST_RING_FULL, TRACEPOINTS, globals, maps,
 };
 
-/// The programs of observer-ebpf: for each tracepoint (in the order of the program's
-/// tracepoint indices), (primary, standby) pairs in order of preference; the first pair
-/// this kernel accepts is attached, primary first (see "Nested runs" in observer-ebpf).
-const PROGRAMS: [(&str, &[(&str, &str)]); 3] = [
-    (
-        "inet_sock_set_state",
-        &[
-            ("inet_sock_set_state", "inet_sock_set_state_standby"),
-            // bpf_get_socket_cookie() from tracing programs needs Linux 5.12.
-            ("inet_sock_set_state_no_cookie", "inet_sock_set_state_no_cookie_standby"),
-        ],
-    ),
-    ("tcp_send_reset", &[("tcp_send_reset", "tcp_send_reset_standby")]),
-    ("tcp_receive_reset", &[("tcp_receive_reset", "tcp_receive_reset_standby")]),
-];
-
-/// Linux capability numbers (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// Slots of the LOST map: ring buffer full, then nested runs recorded by each standby.
-const LOST_RING_FULL: u32 = 0;
-const HANDLED_BY_STANDBY: u32 = 1;
+use crate::{
+    error::{self, Error},
+    kernel::layout::{self, KernelLayout},
+};
 
 /// The attached programs and the maps the daemon reads.
 pub struct Attached {
@@ -90,7 +69,7 @@ impl LostEvents {
         let ring_full = slot(LOST_RING_FULL);
         let mut skipped = 0;
         for (index, fd) in self.primaries.iter().enumerate() {
-            let handled = slot(HANDLED_BY_STANDBY + index as u32);
+            let handled = slot(LOST_HANDLED_BY_STANDBY + index as u32);
             let misses = self.previous_misses[index];
             skipped += misses.saturating_sub(handled);
             self.previous_misses[index] = recursion_misses(*fd);
@@ -112,36 +91,6 @@ fn recursion_misses(fd: RawFd) -> u64 {
         .unwrap_or(0)
 }
 
-/// Fails with a one-line explanation unless we may load tracing programs.
-pub fn check_privileges() -> Result<(), Error> {
-    let status = fs::read_to_string("/proc/self/status")
-        .map_err(|source| Error::Io { context: "cannot read /proc/self/status", source })?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
-    }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|(cap, _)| !has(*cap))
-        .map(|(_, name)| name)
-        .collect();
-    Err(Error::Privileges { missing: missing.join(", ") })
-}
-
-/// The kernel function every TCP accept goes through, and the program that runs when it
-/// returns (a BPF trampoline: only accept() calls pay for it).
-const ACCEPT_FUNCTION: (&str, &str) = ("inet_accept", "inet_accept_exit");
-
-/// Where the kernel has no trampolines: the system calls that hand a process an
-/// accepted socket (classic tracepoints: the per-syscall events exist only in tracefs).
-/// Enabling them sends every system call of every task through the tracing slow path.
-const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
-
 /// Default size of each CPU's ring buffer: 4 MiB per CPU up to 4 CPUs (a 2-CPU host at
 /// its maximum churn needs ~1 MiB between two drains), then 16 MiB shared out, at least
 /// 1 MiB per CPU: a burst lands on the CPUs that handle it, so a host with more CPUs
@@ -159,6 +108,11 @@ fn ring_size(bytes: u32) -> u32 {
     bytes.max(page).next_power_of_two()
 }
 
+/// The eBPF object built from observer-ebpf, embedded in the binary.
+pub fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"))
+}
+
 pub fn load(
     layout: &KernelLayout,
     ring_buffer_bytes: Option<u32>,
@@ -173,17 +127,15 @@ pub fn load(
         task_config.accept_ret = *offset;
     }
     let cpus = aya::util::nr_cpus()
-        .ok()
-        .and_then(|cpus| u32::try_from(cpus).ok())
-        .ok_or(Error::LoadObject { reason: "cannot count the possible CPUs".into() })?;
-    let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+        .map_err(|(_, source)| Error::Io { context: "cannot count the possible CPUs", source })?;
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &layout.config, true)
-        .override_global("TASK_CONFIG", &task_config, true)
+        .override_global(globals::CONFIG, &layout.config, true)
+        .override_global(globals::TASK_CONFIG, &task_config, true)
         .override_global(aya_log::LEVEL, &KERNEL_LOG_LEVEL_WARN, false)
-        .map_max_entries("RINGS", cpus)
-        .load(object)
-        .map_err(|error| Error::LoadObject { reason: error_chain(&error) })?;
+        .map_max_entries(maps::RINGS, cpus)
+        .load(object())
+        .map_err(|source| Error::LoadObject { source })?;
     // Before any program is attached: a CPU without its ring would lose its records.
     let ring_bytes = ring_size(ring_buffer_bytes.unwrap_or_else(|| default_ring_bytes(cpus)));
     let rings = create_cpu_rings(&mut ebpf, cpus, ring_bytes)?;
@@ -192,22 +144,24 @@ pub fn load(
     let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|error| Error::BtfParse { path: btf_path.to_path_buf(), source: error.into() })?;
     let mut primaries = Vec::new();
-    for (tracepoint, candidates) in PROGRAMS {
+    for tracepoint in TRACEPOINTS {
         let mut failure = None;
-        for (primary, standby) in candidates {
-            let attached = load_program(&mut ebpf, primary, tracepoint, &btf)
-                .and_then(|fd| load_program(&mut ebpf, standby, tracepoint, &btf).map(|_| fd));
+        for pair in tracepoint.programs {
+            let attached =
+                load_program(&mut ebpf, pair.primary, tracepoint.name, &btf).and_then(|fd| {
+                    load_program(&mut ebpf, pair.standby, tracepoint.name, &btf).map(|_| fd)
+                });
             match attached {
                 Ok(fd) => {
                     if failure.is_some() {
-                        log::debug!("this kernel needs the fallback program `{primary}`");
+                        log::debug!("this kernel needs the fallback program `{}`", pair.primary);
                     }
                     primaries.push(fd);
                     failure = None;
                     break;
                 }
                 Err(error) => {
-                    log::debug!("cannot use `{primary}`: {error}");
+                    log::debug!("cannot use `{}`: {}", pair.primary, error.one_line());
                     failure.get_or_insert(error);
                 }
             }
@@ -222,16 +176,15 @@ pub fn load(
         attach_owner_capture(&mut ebpf, &btf, &accept_format).into_iter().collect();
 
     let counters = ebpf
-        .take_map("LOST")
-        .ok_or(Error::LoadObject { reason: "map LOST missing".into() })
+        .take_map(maps::LOST)
+        .ok_or_else(|| Error::NotInObject { what: format!("map `{}`", maps::LOST) })
         .and_then(|map| {
-            PerCpuArray::try_from(map)
-                .map_err(|error| Error::LoadObject { reason: error.to_string() })
+            PerCpuArray::try_from(map).map_err(|source| Error::Map { map: maps::LOST, source })
         })?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(logger),
         Err(error) => {
-            log::warn!("eBPF programs' own log unavailable: {error}");
+            log::warn!("eBPF programs' own log unavailable: {}", error::one_line(&error));
             None
         }
     };
@@ -247,65 +200,90 @@ fn create_cpu_rings(
     cpus: u32,
     bytes: u32,
 ) -> Result<Vec<RingBuf<MapData>>, Error> {
-    let failed = |what: &str, error: &dyn std::fmt::Display| Error::LoadObject {
-        reason: format!("cannot {what} the per-CPU ring buffers: {error}"),
-    };
-    let table =
-        ebpf.map_mut("RINGS").ok_or(Error::LoadObject { reason: "map RINGS missing".into() })?;
+    let failed = |source| Error::Map { map: maps::RINGS, source };
+    let table = ebpf
+        .map_mut(maps::RINGS)
+        .ok_or_else(|| Error::NotInObject { what: format!("map `{}`", maps::RINGS) })?;
     let mut table: ArrayOfMaps<&mut MapData, RingBuf<MapData>> =
-        ArrayOfMaps::try_from(table).map_err(|error| failed("use", &error))?;
+        ArrayOfMaps::try_from(table).map_err(failed)?;
     (0..cpus)
         .map(|cpu| {
             let definition =
                 aya_obj::Map::new_from_params(BPF_MAP_TYPE_RINGBUF as u32, 0, 0, bytes, 0);
             let ring = MapData::create(definition, "observer_ring", None)
-                .map_err(|error| failed("create", &error_chain(&error)))
-                .and_then(|data| {
-                    RingBuf::try_from(Map::RingBuf(data)).map_err(|error| failed("open", &error))
-                })?;
-            table.set(cpu, &ring, 0).map_err(|error| failed("install", &error))?;
+                .and_then(|data| RingBuf::try_from(Map::RingBuf(data)))
+                .map_err(failed)?;
+            table.set(cpu, &ring, 0).map_err(failed)?;
             Ok(ring)
         })
         .collect()
 }
 
-/// Loads and attaches one program to `tracepoint`; returns its descriptor.
+/// Loads and attaches one BTF tracepoint program to `tracepoint`; returns its descriptor.
 fn load_program(
     ebpf: &mut Ebpf,
     name: &'static str,
     tracepoint: &str,
     btf: &aya::Btf,
 ) -> Result<RawFd, Error> {
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(Error::LoadProgram { program: name, reason: "not in the object".into() })?
+    let program: &mut BtfTracePoint = program(ebpf, name)?;
+    program.load(tracepoint, btf).map_err(|error| refused(name, error))?;
+    program.attach().map_err(|source| Error::Attach { program: name, source })?;
+    descriptor(program.fd(), name)
+}
+
+/// The program `name` of the object, as the kind of program it must be.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::NotInObject { what: format!("program `{name}`") })?
         .try_into()
-        .map_err(|error: ProgramError| Error::LoadProgram {
-            program: name,
-            reason: error.to_string(),
-        })?;
-    program.load(tracepoint, btf).map_err(|error| {
-        if let ProgramError::LoadError { verifier_log, .. } = &error {
-            log::debug!("verifier log for {name}:\n{verifier_log}");
+        .map_err(|source: ProgramError| Error::LoadProgram { program: name, source: source.into() })
+}
+
+fn descriptor(
+    fd: Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<RawFd, Error> {
+    Ok(fd.map_err(|source| Error::Attach { program: name, source })?.as_fd().as_raw_fd())
+}
+
+/// A load the kernel refused: the verifier's log (many lines) goes to the debug log, the
+/// error keeps the system call's.
+fn refused(program: &'static str, error: ProgramError) -> Error {
+    match error {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            log::debug!("verifier log for {program}:\n{verifier_log}");
+            Error::LoadProgram { program, source: Box::new(io_error) }
         }
-        Error::LoadProgram { program: name, reason: error_chain(&error) }
-    })?;
-    program
-        .attach()
-        .map_err(|error| Error::Attach { program: name, reason: error_chain(&error) })?;
-    let fd =
-        program.fd().map_err(|error| Error::Attach { program: name, reason: error.to_string() })?;
-    Ok(fd.as_fd().as_raw_fd())
+        other => Error::LoadProgram { program, source: Box::new(other) },
+    }
+}
+
+/// Why the accept() system-call records cannot be read (the fallback capture of owners).
+#[derive(Debug, thiserror::Error)]
+enum AcceptFormatError {
+    #[error("tracefs is not mounted")]
+    NoTracefs,
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no `ret` field in {}", path.display())]
+    NoReturnValue { path: PathBuf },
 }
 
 /// Offset of `ret` in the accept() exit records, from tracefs.
-fn accept_record_offset() -> Result<u32, String> {
-    let tracefs = layout::tracefs().ok_or("tracefs is not mounted")?;
+fn accept_record_offset() -> Result<u32, AcceptFormatError> {
+    let tracefs = layout::tracefs().ok_or(AcceptFormatError::NoTracefs)?;
     let path = tracefs.join("events/syscalls/sys_exit_accept4/format");
     let format = fs::read_to_string(&path)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    layout::tracepoint_field_offset(&format, "ret")
-        .ok_or_else(|| format!("no `ret` field in {}", path.display()))
+        .map_err(|source| AcceptFormatError::Read { path: path.clone(), source })?;
+    layout::tracepoint_field_offset(&format, "ret").ok_or(AcceptFormatError::NoReturnValue { path })
 }
 
 /// Attaches what names the owner of an accepted socket: the fexit program on
@@ -314,53 +292,47 @@ fn accept_record_offset() -> Result<u32, String> {
 fn attach_owner_capture(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
-    accept_format: &Result<u32, String>,
+    accept_format: &Result<u32, AcceptFormatError>,
 ) -> Option<RawFd> {
     let reason = match attach_accept_exit(ebpf, btf) {
         Ok(fd) => {
-            log::info!("owners of accepted sockets: from {}() returning", ACCEPT_FUNCTION.0);
+            log::info!("owners of accepted sockets: from {ACCEPT_FUNCTION}() returning");
             return Some(fd);
         }
-        Err(reason) => reason,
+        Err(error) => error.one_line(),
     };
     log::info!(
         "owners of accepted sockets: from the accept() system-call tracepoints, which make \
-         every system call on the host slower (cannot trace {}() returning: {reason})",
-        ACCEPT_FUNCTION.0
+         every system call on the host slower (cannot trace {ACCEPT_FUNCTION}() returning: \
+         {reason})"
     );
-    if let Err(reason) = accept_format {
-        log::warn!("owners of accepted sockets will be unknown: {reason}");
+    if let Err(error) = accept_format {
+        log::warn!("owners of accepted sockets will be unknown: {}", error::one_line(error));
         return None;
     }
-    for name in ACCEPT_PROGRAMS {
-        if let Err(reason) = attach_syscall_exit(ebpf, name) {
-            log::warn!("owners of sockets returned by {name} will be unknown: {reason}");
+    for name in ACCEPT_SYSCALL_PROGRAMS {
+        if let Err(error) = attach_syscall_exit(ebpf, name) {
+            log::warn!(
+                "owners of sockets returned by {name} will be unknown: {}",
+                error.one_line()
+            );
         }
     }
     None
 }
 
-fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<RawFd, String> {
-    let (function, name) = ACCEPT_FUNCTION;
-    let program: &mut FExit = ebpf
-        .program_mut(name)
-        .ok_or("not in the object")?
-        .try_into()
-        .map_err(|error: ProgramError| error.to_string())?;
-    program.load(function, btf).map_err(|error| error_chain(&error))?;
-    program.attach().map_err(|error| error_chain(&error))?;
-    let fd = program.fd().map_err(|error| error.to_string())?;
-    Ok(fd.as_fd().as_raw_fd())
+fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<RawFd, Error> {
+    let name = ACCEPT_EXIT_PROGRAM;
+    let program: &mut FExit = program(ebpf, name)?;
+    program.load(ACCEPT_FUNCTION, btf).map_err(|error| refused(name, error))?;
+    program.attach().map_err(|source| Error::Attach { program: name, source })?;
+    descriptor(program.fd(), name)
 }
 
-fn attach_syscall_exit(ebpf: &mut Ebpf, name: &'static str) -> Result<(), String> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(name)
-        .ok_or("not in the object")?
-        .try_into()
-        .map_err(|error: ProgramError| error.to_string())?;
-    program.load().map_err(|error| error_chain(&error))?;
-    program.attach("syscalls", name).map_err(|error| error_chain(&error))?;
+fn attach_syscall_exit(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Error> {
+    let program: &mut TracePoint = program(ebpf, name)?;
+    program.load().map_err(|error| refused(name, error))?;
+    program.attach("syscalls", name).map_err(|source| Error::Attach { program: name, source })?;
     Ok(())
 }
 
@@ -372,21 +344,6 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
-}
-
-/// `error: cause: cause…` on one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -8,10 +8,13 @@ pub mod privileges;
 
 use crate::{cli::CommonArgs, error::Error, memory};
 
-/// Checks privileges and the kernel, then loads and attaches the programs; once they
-/// are attached, drops the capabilities only loading needed.
-pub fn attach(common: &CommonArgs) -> Result<(layout::KernelLayout, loader::Attached), Error> {
-    loader::check_privileges()?;
+/// Checks the kernel, then loads and attaches the programs (privileges were checked:
+/// [`privileges::check`]); once they are attached, drops the capabilities only loading
+/// needed.
+pub fn attach(
+    common: &CommonArgs,
+    _may_load: privileges::MayLoadPrograms,
+) -> Result<(layout::KernelLayout, loader::Attached), Error> {
     let mut layout = layout::KernelLayout::from_btf_file(&common.btf_path)?;
     layout.config.only_netns = common.only_netns.unwrap_or(0);
     layout.config.return_at_once = common.empty_programs.into();

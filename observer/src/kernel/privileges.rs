@@ -1,5 +1,6 @@
-//! Least privilege: once the programs are loaded and attached, the capabilities that
-//! only loading needed are dropped for good (docs/security.md).
+//! What the daemon may do: [`check`] first (one clear line instead of an EPERM from deep
+//! inside the loader), and once the programs are loaded and attached, the capabilities
+//! that only loading needed are dropped for good ([`drop_unneeded`], docs/security.md).
 //!
 //! Kept, if the daemon had them:
 //! * `CAP_SYS_ADMIN`: `setns()` into other network namespaces for the socket inventory
@@ -17,6 +18,33 @@
 //! sets.
 
 use caps::{CapSet, Capability, CapsHashSet};
+
+use crate::error::Error;
+
+/// Proof that [`check`] passed: loading the programs takes one ([`crate::kernel::attach`]),
+/// so the check runs once, before anything else that needs privileges.
+pub struct MayLoadPrograms(());
+
+/// Fails with a one-line explanation unless we may load tracing programs: root
+/// (`CAP_SYS_ADMIN`), or `CAP_BPF` and `CAP_PERFMON` (Linux 5.8+).
+pub fn check() -> Result<MayLoadPrograms, Error> {
+    let effective = caps::read(None, CapSet::Effective).unwrap_or_else(|error| {
+        log::warn!("cannot read our capabilities, assuming none: {error}");
+        CapsHashSet::new()
+    });
+    if effective.contains(&Capability::CAP_SYS_ADMIN) {
+        return Ok(MayLoadPrograms(()));
+    }
+    let missing: Vec<String> = [Capability::CAP_BPF, Capability::CAP_PERFMON]
+        .into_iter()
+        .filter(|cap| !effective.contains(cap))
+        .map(|cap| cap.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(MayLoadPrograms(()));
+    }
+    Err(Error::Privileges { missing: missing.join(", ") })
+}
 
 /// What the daemon keeps after attaching.
 pub const KEPT: [Capability; 2] = [Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE];

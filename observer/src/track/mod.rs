@@ -27,6 +27,7 @@
 //! process, and the evidence of its end boxed (it exists only for the last instants).
 
 pub mod compact;
+mod tracked;
 
 use std::{
     collections::VecDeque,
@@ -40,10 +41,13 @@ use serde::Serialize;
 
 use crate::{
     capture::decode::{Accepted, Reset, SocketEvent, SocketId, StateChange},
-    classify::{self, Close, History, Outcome, ResetList, ResetSeen, Role, Transition, Verdict},
+    classify::{self, Close, History, Outcome, ResetList, ResetSeen, Role, Verdict},
     owner::process::Process,
     tcp::TcpState,
-    track::compact::{Address, Owners},
+    track::{
+        compact::{Address, Owners},
+        tracked::Tracked,
+    },
 };
 
 pub use self::compact::StatePath;
@@ -99,34 +103,6 @@ pub enum Effect {
     None,
 }
 
-/// Per-socket state while it is tracked (see **Size** above).
-#[derive(Clone, Debug)]
-struct Tracked {
-    state: TcpState,
-    role: Option<Role>,
-    states: StatePath,
-    /// [`History::last_change`], split so that its parts fill gaps in this struct.
-    last_change_ns: u64,
-    last_change: Option<(TcpState, TcpState)>,
-    /// CLOCK_MONOTONIC of the open; `None` for sockets opened before we started (an
-    /// event at time 0 cannot happen: the clock runs from boot).
-    opened_ns: Option<NonZeroU64>,
-    netns: u32,
-    cookie: u64,
-    local: Address,
-    remote: Address,
-    owner: Option<Arc<Process>>,
-    end: Option<Box<End>>,
-}
-
-/// F and the RSTs seen: the evidence the classifier decides on besides the transitions.
-/// RSTs come right before or after F, so most sockets never need it.
-#[derive(Clone, Debug, Default)]
-struct End {
-    close: Option<Close>,
-    resets: ResetList,
-}
-
 /// A socket still open, as `/connections` lists it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveSocket {
@@ -140,79 +116,6 @@ pub struct LiveSocket {
     pub owner: Option<Process>,
     /// States visited so far, first to current.
     pub states: Vec<TcpState>,
-}
-
-impl Tracked {
-    fn new(role: Option<Role>, opened_ns: Option<NonZeroU64>, change: &StateChange) -> Self {
-        Self {
-            state: change.old,
-            role,
-            states: StatePath::default(),
-            last_change_ns: 0,
-            last_change: None,
-            opened_ns,
-            netns: change.netns,
-            cookie: change.cookie,
-            local: change.local.into(),
-            remote: change.remote.into(),
-            owner: None,
-            end: None,
-        }
-    }
-
-    fn close(&self) -> Option<&Close> {
-        self.end.as_ref()?.close.as_ref()
-    }
-
-    fn is_closed(&self) -> bool {
-        self.close().is_some()
-    }
-
-    /// Records a transition: the states path, and what the classifier needs of it.
-    fn record(&mut self, change: &StateChange) {
-        // A socket born while we watched starts in its first new state (a client was
-        // never meaningfully "close", a child never "listen"); one opened before we
-        // started starts where we first saw it.
-        if self.states.is_empty() && self.opened_ns.is_none() {
-            self.states.push(change.old);
-        }
-        self.states.push(change.new);
-        if change.old != change.new && change.new != TcpState::Close {
-            self.last_change = Some((change.old, change.new));
-            self.last_change_ns = change.timestamp_ns;
-        }
-    }
-
-    fn last_change(&self) -> Option<Transition> {
-        let (old, new) = self.last_change?;
-        Some(Transition { old, new, timestamp_ns: self.last_change_ns })
-    }
-
-    fn opened_ns(&self) -> Option<u64> {
-        self.opened_ns.map(NonZeroU64::get)
-    }
-
-    /// Keeps the best-known 4-tuple: SYN_SENT has no local port yet, and on kernels
-    /// before 6.13 a new child's first event carries the listener's addresses.
-    fn learn_addresses(&mut self, change: &StateChange) {
-        let mut local = SocketAddr::from(self.local);
-        if change.local.port() != 0 && !change.local.ip().is_unspecified() {
-            self.local = change.local.into();
-        } else if local.port() == 0 {
-            local.set_port(change.local.port());
-            self.local = local.into();
-        }
-        if change.remote.port() != 0 {
-            self.remote = change.remote.into();
-        }
-        // Likewise its cookie: up to 6.12 that first event shows the listener's.
-        if change.cookie != 0 {
-            self.cookie = change.cookie;
-        }
-        if self.netns == 0 {
-            self.netns = change.netns;
-        }
-    }
 }
 
 /// Counters the tracker keeps about itself.

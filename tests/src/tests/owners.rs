@@ -73,21 +73,28 @@ fn every_verdict_names_the_owning_process_on_both_sides() {
 
     // Verdicts come in the order the connections reached CLOSE, which differs from the
     // order they were opened in: compare them sorted.
-    let client_side = daemon().verdicts(&pair.client, 3);
-    assert_eq!(
-        sorted_verdicts(&client_side, "client"),
-        [("fin", "active"), ("rst", "received"), ("timeout", "retransmit")]
-    );
-    for verdict in &client_side {
-        assert_owner(verdict, client_pid, "obs-client", &pair.client);
-    }
-    let server_side = daemon().verdicts(&pair.server, 3);
-    assert_eq!(
-        sorted_verdicts(&server_side, "server"),
-        [("fin", "passive"), ("rst", "linger_zero"), ("rst", "linger_zero")]
-    );
-    for verdict in &server_side {
-        assert_owner(verdict, server_pid, "obs-server", &pair.server);
+    let sides = [
+        (
+            &pair.client,
+            "client",
+            client_pid,
+            "obs-client",
+            [("fin", "active"), ("rst", "received"), ("timeout", "retransmit")],
+        ),
+        (
+            &pair.server,
+            "server",
+            server_pid,
+            "obs-server",
+            [("fin", "passive"), ("rst", "linger_zero"), ("rst", "linger_zero")],
+        ),
+    ];
+    for (namespace, role, pid, comm, expected) in sides {
+        let verdicts = daemon().verdicts(namespace, 3);
+        assert_eq!(sorted_verdicts(&verdicts, role), expected);
+        for verdict in &verdicts {
+            assert_owner(verdict, pid, comm, namespace);
+        }
     }
 }
 
