@@ -5,6 +5,7 @@ mod dashboard;
 mod exposition;
 mod faults;
 mod graceful;
+mod hostile;
 mod inventory;
 mod lifecycle;
 mod loss;

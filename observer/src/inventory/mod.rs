@@ -308,6 +308,38 @@ impl Inventory {
     }
 }
 
+/// Full listings ([`list_all`]) shared by the requests that want one at the same time.
+///
+/// A request is answered by a listing started after it arrived, so it sees every socket
+/// that existed then; but requests arriving while a listing is being taken wait for the
+/// next one together, and take it once: however many clients ask, at most one listing
+/// runs and one waits.
+#[derive(Default)]
+pub struct SharedListing {
+    /// Held while a listing is taken.
+    turn: Mutex<()>,
+    latest: Mutex<Option<(Instant, Arc<Vec<NamespaceSockets>>)>>,
+}
+
+impl SharedListing {
+    /// A listing started no earlier than this call (blocking).
+    pub fn get(&self) -> Arc<Vec<NamespaceSockets>> {
+        let arrived = Instant::now();
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some((started, listing)) = latest
+            && started >= arrived
+        {
+            return listing;
+        }
+        let started = Instant::now();
+        let listing = Arc::new(list_all());
+        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((started, Arc::clone(&listing)));
+        listing
+    }
+}
+
 /// Every socket of every namespace, listed now (blocking).
 pub fn list_all() -> Vec<NamespaceSockets> {
     let mut namespaces = Vec::new();
