@@ -7,6 +7,7 @@ mod faults;
 mod graceful;
 mod hostile;
 mod inventory;
+mod labels;
 mod lifecycle;
 mod loss;
 mod owners;

@@ -91,6 +91,8 @@ pub struct NamespaceSummary {
     pub states: BTreeMap<TcpState, (u64, f64)>,
     /// (service port, seconds in CLOSE_WAIT) of each CLOSE_WAIT socket.
     pub close_wait_ages: Vec<(u16, f64)>,
+    /// Ports something listens on (the metrics give them their own `port` value first).
+    pub listening: Vec<u16>,
 }
 
 impl NamespaceSummary {
@@ -144,6 +146,8 @@ impl Tally {
             .into_iter()
             .map(|(local, remote, age)| (service_port(&self.listening, local, remote), age))
             .collect();
+        self.summary.listening = self.listening.into_iter().collect();
+        self.summary.listening.sort_unstable();
         self.summary
     }
 }
