@@ -74,6 +74,16 @@ pub struct DaemonArgs {
     )]
     pub inventory_interval: std::time::Duration,
 
+    /// Open HTTP connections at most; past it, a new connection closes the oldest (so a
+    /// flood of idle connections cannot lock a scraper out). Lowered to what the
+    /// open-file limit leaves room for.
+    #[arg(long = "web.max-connections", value_name = "N", default_value_t = 256)]
+    pub max_connections: usize,
+
+    /// HTTP requests handled at once at most; others are answered 503 at once.
+    #[arg(long = "web.max-requests", value_name = "N", default_value_t = 40)]
+    pub max_requests: usize,
+
     /// Closed connections kept for /connections (newest replace oldest).
     #[arg(long = "connections.max-recent", value_name = "N", default_value_t = 1000)]
     pub max_recent: usize,

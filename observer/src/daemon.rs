@@ -28,7 +28,7 @@ use crate::{
         http::{self, AppState},
         metrics::{CloseLabels, Metrics},
         report::{self, ConnectionReport},
-        web_config,
+        server, web_config,
     },
     inventory::{self, Inventory},
     kernel::{self, privileges},
@@ -37,10 +37,18 @@ use crate::{
     track::{ClosedConnection, Tracker},
 };
 
+/// How long a client may take to send a request head (or a TLS handshake), and to wait
+/// with a kept-alive connection for its next request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a request may take (a `/connections` answer over a large host included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Feeds `/connections`, the log, and `--debug.events-file`.
 struct DaemonSink {
     recent: Arc<RecentConnections>,
-    cgroups: Arc<Mutex<CgroupNames>>,
+    /// The capture thread's own cache: one shared with HTTP would make it wait for
+    /// requests that hold it.
+    cgroups: CgroupNames,
     events_file: Option<BufWriter<File>>,
 }
 
@@ -58,9 +66,8 @@ impl Sink for DaemonSink {
     }
 
     fn closed(&mut self, connection: ClosedConnection) {
-        let cgroup = connection.owner.as_ref().and_then(|owner| {
-            self.cgroups.lock().unwrap_or_else(PoisonError::into_inner).resolve(owner.cgroup_id)
-        });
+        let cgroup =
+            connection.owner.as_ref().and_then(|owner| self.cgroups.resolve(owner.cgroup_id));
         if connection.verdict.cause == Cause::Unknown {
             report::log_unknown(&ConnectionReport::closed(
                 &connection,
@@ -87,14 +94,7 @@ pub async fn run(
     common: CommonArgs,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let events_file =
-        match &args.events_file {
-            Some(path) => Some(BufWriter::new(File::create(path).map_err(|source| Error::Io {
-                context: "cannot create the events file",
-                source,
-            })?)),
-            None => None,
-        };
+    let events_file = args.events_file.as_deref().map(create_events_file).transpose()?;
     // Cheap checks first: a bad config file or a busy port is reported before the
     // programs are loaded.
     let web_config = match &args.web_config_file {
@@ -102,6 +102,7 @@ pub async fn run(
         None => web_config::WebConfig::default(),
     };
     let may_load = privileges::check()?;
+    let open_files = server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(args.listen_address)
         .await
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
@@ -146,55 +147,67 @@ pub async fn run(
         args.inventory_interval,
         shutdown.clone(),
     );
-    let app = web_config.protect(http::router(AppState {
+    let limits = server::Limits {
+        max_connections: args.max_connections,
+        header_timeout: HEADER_TIMEOUT,
+        max_requests: args.max_requests,
+        request_timeout: REQUEST_TIMEOUT,
+    }
+    .within_open_file_limit(open_files);
+    let routes = http::router(AppState {
         metrics: Arc::clone(&metrics),
         recent: Arc::clone(&recent),
         healthy: Arc::clone(&healthy),
         telemetry_path: args.telemetry_path.clone(),
         tracker: Arc::clone(&tracker),
         inventory,
-        cgroups: Arc::clone(&cgroups),
+        listing: Arc::new(inventory::SharedListing::default()),
+        cgroups,
         startup_holders,
-    }));
-    let server_stop = shutdown.clone();
+    });
+    // Authentication outermost: a client that authenticated once is let in before the
+    // in-flight bound, which a flood of wrong passwords cannot then fill.
+    let app = web_config.protect(server::bounded(routes, limits));
     let scheme = if web_config.tls.is_some() { "https" } else { "http" };
-    let server = match web_config.tls {
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await
-        }),
-        Some(tls) => {
-            let listener = listener
-                .into_std()
-                .map_err(|source| Error::Listen { address: args.listen_address, source })?;
-            let server = axum_server::from_tcp_rustls(
-                listener,
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            )
-            .map_err(|source| Error::Listen { address: args.listen_address, source })?;
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                server_stop.cancelled().await;
-                stopper.graceful_shutdown(Some(Duration::from_secs(2)));
-            });
-            tokio::spawn(async move { server.handle(handle).serve(app.into_make_service()).await })
-        }
-    };
+    let server =
+        tokio::spawn(server::serve(listener, app, web_config.tls, limits, shutdown.clone()));
     log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink { recent, cgroups, events_file };
+    let sink = DaemonSink { recent, cgroups: CgroupNames::new(), events_file };
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
-    let result = pipeline.run(shutdown.clone()).await;
+    let result = match pipeline.spawn(shutdown.clone()) {
+        Ok(stopped) => stopped.await,
+        Err(error) => Err(error),
+    };
     healthy.store(false, Ordering::Relaxed);
     shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(source)) => log::error!("HTTP server failed: {source}"),
-        Err(join) => log::error!("HTTP server task failed: {join}"),
+    if let Err(join) = server.await {
+        log::error!("HTTP server task failed: {join}");
     }
     result
+}
+
+/// `--debug.events-file`: created afresh, readable by its owner only (events name every
+/// peer of the host), and never through a symbolic link (a planted link must not make a
+/// privileged daemon overwrite another file).
+fn create_events_file(path: &std::path::Path) -> Result<BufWriter<File>, Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        // An existing file keeps its mode through `open`.
+        .and_then(|file| {
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            Ok(BufWriter::new(file))
+        })
+        .map_err(|source| Error::Io {
+            context: "cannot create the events file (a symbolic link is refused)",
+            source,
+        })
 }
 
 /// The startup holders of the inventoried sockets, by cookie (the key events carry).

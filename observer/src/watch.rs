@@ -2,7 +2,11 @@
 
 use std::{
     io::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
 };
 
 use tokio_util::sync::CancellationToken;
@@ -24,27 +28,59 @@ use crate::{
     track::{ClosedConnection, Tracker},
 };
 
-/// Prints verdicts (or raw events) to stdout.
+/// Hands verdicts (or raw events) to the printer thread: the capture thread never
+/// waits for a slow terminal or pipe.
 struct WatchSink {
     args: WatchArgs,
     cgroups: CgroupNames,
-    stop: CancellationToken,
+    lines: SyncSender<String>,
+    /// Lines the printer had no room for (stdout slower than the verdicts), reported at
+    /// the end.
+    dropped: Arc<AtomicU64>,
 }
 
+/// Lines waiting for stdout at most.
+const PRINT_QUEUE: usize = 65_536;
+
 impl WatchSink {
-    fn print(&self, line: &str) {
-        let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
-            // stdout closed (e.g. piped into `head`): stop quietly.
-            self.stop.cancel();
+    fn print(&self, line: String) {
+        match self.lines.try_send(line) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
+}
+
+/// Writes lines to stdout until the sink is gone; stops the watch if stdout closes (e.g.
+/// piped into `head`).
+fn spawn_printer(
+    lines: Receiver<String>,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("observer-print".into()).spawn(move || {
+        let mut stdout = std::io::stdout().lock();
+        while let Ok(line) = lines.recv() {
+            let mut written = writeln!(stdout, "{line}");
+            // Flush once the queue is empty: a burst is written in one go.
+            while written.is_ok()
+                && let Ok(line) = lines.try_recv()
+            {
+                written = writeln!(stdout, "{line}");
+            }
+            if written.and_then(|()| stdout.flush()).is_err() {
+                stop.cancel();
+                return;
+            }
+        }
+    })
 }
 
 impl Sink for WatchSink {
     fn event(&mut self, event: &SocketEvent) {
         if self.args.events {
-            self.print(&serde_json::to_string(event).unwrap_or_default());
+            self.print(serde_json::to_string(event).unwrap_or_default());
         }
     }
 
@@ -57,9 +93,9 @@ impl Sink for WatchSink {
         let report = ConnectionReport::new(&connection, &Clock::now(), &mut self.cgroups);
         report::log_unknown(&report);
         if self.args.json {
-            self.print(&serde_json::to_string(&report).unwrap_or_default());
+            self.print(serde_json::to_string(&report).unwrap_or_default());
         } else {
-            self.print(&report.line());
+            self.print(report.line());
         }
     }
 }
@@ -72,12 +108,29 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (layout, attached) = kernel::attach(&common, kernel::privileges::check()?)?;
     let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
-    let sink =
-        WatchSink { args: args.clone(), cgroups: CgroupNames::new(), stop: shutdown.clone() };
+    let (lines, printed) = std::sync::mpsc::sync_channel(PRINT_QUEUE);
+    let printer = spawn_printer(printed, shutdown.clone())
+        .map_err(|source| Error::Io { context: "cannot start the printer thread", source })?;
+    let dropped = Arc::new(AtomicU64::new(0));
+    let sink = WatchSink {
+        args: args.clone(),
+        cgroups: CgroupNames::new(),
+        lines,
+        dropped: Arc::clone(&dropped),
+    };
     log::info!("attached; printing connections as they close (Ctrl-C to stop)");
     if !args.json && !args.events {
-        sink.print(&ConnectionReport::header());
+        sink.print(ConnectionReport::header());
     }
     let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
-    Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink).run(shutdown).await
+    let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
+    // The pipeline (and with it the sink) is gone once it has stopped: the printer then
+    // writes what is queued and ends.
+    let result = pipeline.spawn(shutdown)?.await;
+    let _ = printer.join();
+    let dropped = dropped.load(Ordering::Relaxed);
+    if dropped > 0 {
+        log::warn!("{dropped} lines were not printed: stdout did not keep up");
+    }
+    result
 }

@@ -60,6 +60,7 @@ fn inventory() -> Summary {
                 .map(|&(state, count, oldest)| (state, (count, oldest)))
                 .collect::<BTreeMap<_, _>>(),
             close_wait_ages,
+            listening: Vec::new(),
         }
     };
     Summary {

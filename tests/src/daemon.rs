@@ -219,13 +219,25 @@ impl Daemon {
     }
 
     /// Verdicts with the namespace's inode since it was made, its own or not.
+    /// Paged as a client following the verdicts would: each answer holds at most
+    /// `limit`, the first ones after `after`.
     fn connections_in(&self, namespace: &Namespace) -> Vec<Connection> {
-        let body = self.get(&format!(
-            "/connections?status=closed&netns={}&after={}",
-            namespace.inode(),
-            namespace.first_seq
-        ));
-        serde_json::from_str(&body).unwrap_or_else(|error| panic!("bad JSON ({error}): {body}"))
+        const PAGE: usize = 10_000;
+        let mut all: Vec<Connection> = Vec::new();
+        loop {
+            let after = all.last().map_or(namespace.first_seq, |last| last.seq);
+            let body = self.get(&format!(
+                "/connections?status=closed&netns={}&after={after}&limit={PAGE}",
+                namespace.inode(),
+            ));
+            let page: Vec<Connection> = serde_json::from_str(&body)
+                .unwrap_or_else(|error| panic!("bad JSON ({error}): {body}"));
+            let full = page.len() == PAGE;
+            all.extend(page);
+            if !full {
+                return all;
+            }
+        }
     }
 
     /// What a failed count should say besides the verdicts: the sockets the daemon gave

@@ -1,7 +1,7 @@
 //! The ring-buffer reader: kernel records → decoder → tracker → verdicts.
 //!
-//! One task feeds the tracker; `/connections` reads it too, under its lock, between
-//! two drains. The task wakes when a ring buffer has data, and when the oldest closed
+//! One thread of its own ([`Pipeline::spawn`]) feeds the tracker; `/connections` reads
+//! it too, under its lock, between two drains, and keeps that short. The task wakes when a ring buffer has data, and when the oldest closed
 //! socket's evidence window ends; at every wake-up it drains the rings *before*
 //! expiring windows, so an RST reserved just after F is always counted with its
 //! connection.
@@ -99,6 +99,42 @@ impl<S: Sink> Pipeline<S> {
             handed_on_until: 0,
         };
         Self { attached, state }
+    }
+
+    /// Runs the pipeline on a thread of its own, with a runtime of its own, until
+    /// `shutdown` is cancelled: whatever else the process does (HTTP requests, TLS,
+    /// basic auth, the inventory, writing `watch` output) runs elsewhere and cannot delay
+    /// draining the rings. Resolves when the pipeline has stopped.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<impl Future<Output = Result<(), Error>>, Error>
+    where
+        S: Send + 'static,
+    {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("observer-capture".into())
+            .spawn(move || {
+                let outcome = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| Error::Io {
+                        context: "cannot start the capture runtime",
+                        source,
+                    })
+                    .and_then(|runtime| runtime.block_on(self.run(shutdown)));
+                let _ = done.send(outcome);
+            })
+            .map_err(|source| Error::Io { context: "cannot start the capture thread", source })?;
+        Ok(async move {
+            stopped.await.unwrap_or_else(|_| {
+                Err(Error::Io {
+                    context: "the capture thread stopped",
+                    source: std::io::Error::other("it panicked"),
+                })
+            })
+        })
     }
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.

@@ -21,6 +21,7 @@ use crate::{
     },
     inventory::{DiagSocket, NamespaceSockets},
     owner::{Cgroup, CgroupNames, Process},
+    tcp::TcpState,
     track::{ClosedConnection, LiveSocket, service_port},
 };
 
@@ -42,6 +43,7 @@ struct Recent {
 /// A verdict as `/connections` keeps it. Its report (text addresses, wall-clock times,
 /// owner names) is built only when asked for: under a reset storm most verdicts leave
 /// the buffer unread.
+#[derive(Clone)]
 struct RecentClose {
     seq: u64,
     connection: ClosedConnection,
@@ -51,6 +53,19 @@ struct RecentClose {
 }
 
 impl RecentClose {
+    fn fields(&self) -> Fields<'_> {
+        let connection = &self.connection;
+        Fields {
+            seq: Some(self.seq),
+            state: TcpState::Close,
+            ports: (connection.port, connection.port),
+            netns: connection.netns,
+            pid: connection.owner.map(|owner| owner.pid),
+            class: Some(connection.verdict.class().name()),
+            cause: Some(connection.verdict.cause.name()),
+        }
+    }
+
     fn report(&self, clock: &Clock) -> ConnectionReport {
         ConnectionReport {
             seq: Some(self.seq),
@@ -95,10 +110,47 @@ impl RecentConnections {
         }
     }
 
-    /// Reports of the kept verdicts, oldest first, that `filter` selects.
-    pub fn reports(&self, clock: &Clock, filter: &Filter) -> Vec<ConnectionReport> {
+    /// Reports of at most `limit` kept verdicts that `filter` selects, oldest first: the
+    /// newest ones, or with `after` the first ones after it (a client following the
+    /// verdicts pages forward). Only those are built, under the lock the capture thread
+    /// takes to push: selecting is a comparison per verdict.
+    pub fn reports(&self, clock: &Clock, filter: &Filter, limit: usize) -> Vec<ConnectionReport> {
         let items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        items.closes.iter().map(|close| close.report(clock)).filter(|r| filter.matches(r)).collect()
+        let selected = |close: &&RecentClose| filter.selects(&close.fields());
+        let chosen: Vec<&RecentClose> = if filter.after.is_some() {
+            items.closes.iter().filter(selected).take(limit).collect()
+        } else {
+            let mut newest: Vec<_> =
+                items.closes.iter().rev().filter(selected).take(limit).collect();
+            newest.reverse();
+            newest
+        };
+        // Copies out, so that the reports are built after the lock is released.
+        let chosen: Vec<RecentClose> = chosen.into_iter().cloned().collect();
+        drop(items);
+        chosen.iter().map(|close| close.report(clock)).collect()
+    }
+}
+
+impl RecentConnections {
+    /// Copies of the kept verdicts on these sockets ((netns, cookie); cookie 0 never
+    /// matches), one pass under the lock.
+    fn verdicts_on(
+        &self,
+        sockets: impl Iterator<Item = (u32, u64)>,
+    ) -> HashMap<(u32, u64), RecentClose> {
+        let wanted: HashSet<(u32, u64)> = sockets.filter(|(_, cookie)| *cookie != 0).collect();
+        if wanted.is_empty() {
+            return HashMap::new();
+        }
+        let items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        items
+            .closes
+            .iter()
+            .map(|close| ((close.connection.netns, close.connection.cookie), close))
+            .filter(|(key, _)| wanted.contains(key))
+            .map(|(key, close)| (key, close.clone()))
+            .collect()
     }
 }
 
@@ -112,7 +164,10 @@ pub enum StatusFilter {
     All,
 }
 
+/// The query of `/connections`. Unknown keys, repeated keys and values that do not parse
+/// are refused (400): a typo must not turn into an unfiltered answer.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Filter {
     #[serde(default)]
     pub status: StatusFilter,
@@ -125,30 +180,86 @@ pub struct Filter {
     pub pid: Option<u32>,
     pub class: Option<String>,
     pub cause: Option<String>,
+    /// At most this many records ([`DEFAULT_LIMIT`], at most [`MAX_LIMIT`]): the newest
+    /// closed connections, or with `after` the first ones after it, then open sockets
+    /// while room is left.
     pub limit: Option<usize>,
+}
+
+/// Records in a `/connections` answer unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: usize = 1000;
+/// The most records one answer holds (a few MiB of JSON).
+pub const MAX_LIMIT: usize = 10_000;
+
+/// What a filter looks at in a record, whatever kind of record it is: a report, a kept
+/// verdict, or a tracked socket (before anything is built for it).
+pub struct Fields<'a> {
+    pub seq: Option<u64>,
+    pub state: TcpState,
+    /// The service port; for a socket whose role is unknown, both of its ports.
+    pub ports: (u16, u16),
+    pub netns: u32,
+    pub pid: Option<u32>,
+    pub class: Option<&'a str>,
+    pub cause: Option<&'a str>,
 }
 
 impl Filter {
     pub fn matches(&self, report: &ConnectionReport) -> bool {
-        self.after.is_none_or(|after| report.seq.is_some_and(|seq| seq > after))
-            && self.state.as_deref().is_none_or(|state| report.state.name() == state)
-            && self.port.is_none_or(|port| report.port == port)
-            && self.netns.is_none_or(|netns| report.netns == netns)
-            && self.pid.is_none_or(|pid| report.owner.pid() == Some(pid))
-            && self
-                .class
-                .as_deref()
-                .is_none_or(|class| report.class.is_some_and(|c| c.name() == class))
-            && self
-                .cause
-                .as_deref()
-                .is_none_or(|cause| report.cause.is_some_and(|c| c.name() == cause))
+        self.selects(&Fields {
+            seq: report.seq,
+            state: report.state,
+            ports: (report.port, report.port),
+            netns: report.netns,
+            pid: report.owner.pid(),
+            class: report.class.map(|class| class.name()),
+            cause: report.cause.map(|cause| cause.name()),
+        })
+    }
+
+    /// Whether a tracked open socket may be selected (exact but for the port of a socket
+    /// whose role is unknown: either of its ports passes, the report decides).
+    pub fn may_select_live(&self, socket: &LiveSocket) -> bool {
+        let ports = match socket.role {
+            Role::Unknown => (socket.local.port(), socket.remote.port()),
+            role => {
+                let port = service_port(role, socket.local, socket.remote);
+                (port, port)
+            }
+        };
+        self.selects(&Fields {
+            seq: None,
+            state: socket.state,
+            ports,
+            netns: socket.netns,
+            pid: socket.owner.map(|owner| owner.pid),
+            class: None,
+            cause: None,
+        })
+    }
+
+    pub fn selects(&self, fields: &Fields<'_>) -> bool {
+        self.after.is_none_or(|after| fields.seq.is_some_and(|seq| seq > after))
+            && self.state.as_deref().is_none_or(|state| fields.state.name() == state)
+            && self.port.is_none_or(|port| fields.ports.0 == port || fields.ports.1 == port)
+            && self.netns.is_none_or(|netns| fields.netns == netns)
+            && self.pid.is_none_or(|pid| fields.pid == Some(pid))
+            && self.class.as_deref().is_none_or(|class| fields.class == Some(class))
+            && self.cause.as_deref().is_none_or(|cause| fields.cause == Some(cause))
+    }
+
+    /// The answer's size: `limit`, or [`DEFAULT_LIMIT`]; `None` past [`MAX_LIMIT`].
+    pub fn limit(&self) -> Option<usize> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        (limit <= MAX_LIMIT).then_some(limit)
     }
 }
 
-/// Every open socket: those the tracker follows (with owner and history), completed
-/// with the inventory's counters, then those only the inventory knows (older than the
-/// daemon and quiet since, TIME_WAIT).
+/// The open sockets `filter` selects, at most `limit`: those the tracker follows (with
+/// owner and history; `live`, already chosen with [`Filter::may_select_live`]),
+/// completed with the inventory's counters, then those only the inventory knows (older
+/// than the daemon and quiet since, TIME_WAIT). Reports are built only for sockets that
+/// will be in the answer.
 pub fn open_connections(
     live: &[LiveSocket],
     namespaces: &[NamespaceSockets],
@@ -156,6 +267,7 @@ pub fn open_connections(
     startup_holders: &HashMap<u32, Process>,
     cgroups: &mut CgroupNames,
     clock: &Clock,
+    (filter, limit): (&Filter, usize),
 ) -> Vec<ConnectionReport> {
     let mut by_cookie: HashMap<(u32, u64), (&DiagSocket, usize)> = HashMap::new();
     let mut by_tuple: HashMap<(u32, SocketAddr, SocketAddr), (u64, usize)> = HashMap::new();
@@ -185,38 +297,49 @@ pub fn open_connections(
             (role, _) => service_port(role, socket.local, socket.remote),
         };
         let stats = found.and_then(|(diag, _)| diag.stats);
-        reports.push(ConnectionReport::open(socket, stats, port, clock, cgroups));
+        let report = ConnectionReport::open(socket, stats, port, clock, cgroups);
+        if filter.matches(&report) {
+            reports.push(report);
+        }
     }
+    let only_inventoried: Vec<(usize, &DiagSocket)> = namespaces
+        .iter()
+        .enumerate()
+        .filter(|(_, namespace)| filter.netns.is_none_or(|netns| namespace.netns == netns))
+        .flat_map(|(index, namespace)| namespace.sockets.iter().map(move |socket| (index, socket)))
+        .filter(|(index, socket)| {
+            filter.state.as_deref().is_none_or(|state| socket.state.name() == state)
+                && !listed.contains(&(namespaces[*index].netns, socket.cookie))
+        })
+        .collect();
     // A TIME_WAIT (or orphaned FIN_WAIT2) socket keeps the cookie of the connection it
     // continues, which already has its verdict: that one knows the role and the owner.
-    let recent = recent.items.lock().unwrap_or_else(PoisonError::into_inner);
-    let judged: HashMap<(u32, u64), &RecentClose> = recent
-        .closes
-        .iter()
-        .filter(|close| close.connection.cookie != 0)
-        .map(|close| ((close.connection.netns, close.connection.cookie), close))
-        .collect();
-    for (index, namespace) in namespaces.iter().enumerate() {
-        for socket in &namespace.sockets {
-            if !listed.contains(&(namespace.netns, socket.cookie)) {
-                let port = namespace.service_port(&listening[index], socket);
-                let role = namespace.role(&listening[index], socket);
-                let mut report = ConnectionReport::inventoried(namespace.netns, socket, port, role);
-                if let Some(judged) = judged.get(&(namespace.netns, socket.cookie)) {
-                    let closed = &judged.connection;
-                    report.role = closed.role;
-                    report.port = closed.port;
-                    report.owner =
-                        OwnerReport::with_cgroup(closed.owner.as_ref(), judged.cgroup.clone());
-                    report.opened_at = closed.opened_ns.map(|ns| clock.rfc3339(ns));
-                } else if let Some(holder) = startup_holders.get(&socket.inode) {
-                    report.owner = OwnerReport::new(Some(holder), cgroups);
-                }
-                reports.push(report);
-            }
+    let judged = recent.verdicts_on(
+        only_inventoried.iter().map(|(index, socket)| (namespaces[*index].netns, socket.cookie)),
+    );
+    for (index, socket) in only_inventoried {
+        if reports.len() >= limit {
+            break;
+        }
+        let namespace = &namespaces[index];
+        let port = namespace.service_port(&listening[index], socket);
+        let role = namespace.role(&listening[index], socket);
+        let mut report = ConnectionReport::inventoried(namespace.netns, socket, port, role);
+        if let Some(judged) = judged.get(&(namespace.netns, socket.cookie)) {
+            let closed = &judged.connection;
+            report.role = closed.role;
+            report.port = closed.port;
+            report.owner = OwnerReport::with_cgroup(closed.owner.as_ref(), judged.cgroup.clone());
+            report.opened_at = closed.opened_ns.map(|ns| clock.rfc3339(ns));
+        } else if let Some(holder) = startup_holders.get(&socket.inode) {
+            report.owner = OwnerReport::new(Some(holder), cgroups);
+        }
+        if filter.matches(&report) {
+            reports.push(report);
         }
     }
     debug_assert!(reports.iter().all(|r| r.status == Status::Open));
+    reports.truncate(limit);
     reports
 }
 
@@ -284,7 +407,16 @@ mod tests {
         recent: &RecentConnections,
         holders: &HashMap<u32, Process>,
     ) -> Vec<ConnectionReport> {
-        open_connections(live, namespaces, recent, holders, &mut CgroupNames::new(), &Clock::now())
+        let everything = (&Filter::default(), usize::MAX);
+        open_connections(
+            live,
+            namespaces,
+            recent,
+            holders,
+            &mut CgroupNames::new(),
+            &Clock::now(),
+            everything,
+        )
     }
 
     /// The join with no verdict and no start-up holder known.
@@ -360,9 +492,10 @@ mod tests {
         for connection in decided {
             recent.push(connection, None);
         }
-        let all = recent.reports(&Clock::now(), &Filter::default());
+        let all = recent.reports(&Clock::now(), &Filter::default(), usize::MAX);
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [Some(2), Some(3)]);
-        let after = recent.reports(&Clock::now(), &Filter { after: Some(2), ..Filter::default() });
+        let after =
+            recent.reports(&Clock::now(), &Filter { after: Some(2), ..Filter::default() }, 9);
         assert_eq!(after.iter().map(|r| r.seq).collect::<Vec<_>>(), [Some(3)]);
     }
 }

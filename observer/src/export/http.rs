@@ -13,7 +13,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::get,
@@ -22,11 +22,10 @@ use axum::{
 use crate::{
     clock::Clock,
     export::{
-        connections::{Filter, RecentConnections, StatusFilter, open_connections},
+        connections::{Filter, MAX_LIMIT, RecentConnections, StatusFilter, open_connections},
         metrics::Metrics,
-        report::ConnectionReport,
     },
-    inventory::{self, Inventory, Summary},
+    inventory::{Inventory, SharedListing, Summary},
     owner::{CgroupNames, Process},
     scan,
     track::Tracker,
@@ -46,6 +45,8 @@ pub struct AppState {
     /// The sockets the pipeline follows (open ones are listed by `/connections`).
     pub tracker: Arc<Mutex<Tracker>>,
     pub inventory: Arc<Inventory>,
+    /// Full socket listings for `/connections`, shared by concurrent requests.
+    pub listing: Arc<SharedListing>,
     pub cgroups: Arc<Mutex<CgroupNames>>,
     /// Who held each socket (by inode) when the daemon started, for sockets older than
     /// it that no system call has touched since.
@@ -98,37 +99,52 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Open sockets (when asked for), then recent verdicts oldest first; `limit` keeps the
-/// last ones.
+/// Open sockets (when asked for), then closed connections oldest first, at most `limit`
+/// records in all (closed ones first: see [`Filter::limit`]). Each part is bounded before
+/// anything is built for it, and the tracker is locked only to pick its sockets.
 async fn connections(
     State(state): State<AppState>,
-    Query(filter): Query<Filter>,
-) -> Json<Vec<ConnectionReport>> {
-    let mut selected = Vec::new();
+    query: Result<Query<Filter>, QueryRejection>,
+) -> Response {
+    let filter = match query {
+        Ok(Query(filter)) => filter,
+        Err(rejection) => {
+            return (StatusCode::BAD_REQUEST, format!("{}\n", rejection.body_text()))
+                .into_response();
+        }
+    };
+    let Some(limit) = filter.limit() else {
+        return (StatusCode::BAD_REQUEST, format!("limit is at most {MAX_LIMIT}\n"))
+            .into_response();
+    };
     let clock = Clock::now();
-    if filter.status != StatusFilter::Closed && filter.after.is_none() {
-        // Listed afresh: the sockets as they are now, not as the last scrape saw them.
-        let listed = scan::SOCKETS.run(inventory::list_all).await.unwrap_or_default();
-        let live: Vec<_> =
-            state.tracker.lock().unwrap_or_else(PoisonError::into_inner).live().collect();
+    let closed = match filter.status {
+        StatusFilter::Open => Vec::new(),
+        _ => state.recent.reports(&clock, &filter, limit),
+    };
+    let room = limit - closed.len();
+    let mut selected = Vec::new();
+    if filter.status != StatusFilter::Closed && filter.after.is_none() && room > 0 {
+        // The sockets as they are now, not as the last scrape saw them; concurrent
+        // requests share one listing.
+        let listing = Arc::clone(&state.listing);
+        let listed = scan::SOCKETS.run(move || listing.get()).await.unwrap_or_default();
+        let live = state
+            .tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .live_where(room, |socket| filter.may_select_live(socket));
         let mut cgroups = state.cgroups.lock().unwrap_or_else(PoisonError::into_inner);
-        let open = open_connections(
+        selected = open_connections(
             &live,
             &listed,
             &state.recent,
             &state.startup_holders,
             &mut cgroups,
             &clock,
+            (&filter, room),
         );
-        selected.extend(open.into_iter().filter(|report| filter.matches(report)));
     }
-    if filter.status != StatusFilter::Open {
-        selected.extend(state.recent.reports(&clock, &filter));
-    }
-    if let Some(limit) = filter.limit
-        && selected.len() > limit
-    {
-        selected.drain(..selected.len() - limit);
-    }
-    Json(selected)
+    selected.extend(closed);
+    Json(selected).into_response()
 }

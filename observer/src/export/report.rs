@@ -279,7 +279,7 @@ impl ConnectionReport {
             "{:<12} {:<10} {:<22} {:<7} {:<42} {:<42} {:<8} {:<16} {:>10} {:>10} {:>10} {:>7}",
             time,
             self.netns,
-            self.owner.short(),
+            printable(&self.owner.short()),
             self.role.name(),
             self.local.to_string(),
             self.remote.to_string(),
@@ -293,10 +293,40 @@ impl ConnectionReport {
     }
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`…) and its backslashes
+/// doubled: a process name holds any byte but NUL, and a terminal showing `observer watch`
+/// must neither run escape sequences from it nor show a forged line.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() || c == '\\') {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() || c == '\\' {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
+}
+
 /// Logs verdicts nobody could explain, with everything we knew.
 pub fn log_unknown(report: &ConnectionReport) {
     if report.cause == Some(Cause::Unknown) {
         let evidence = serde_json::to_string(report).unwrap_or_default();
         log::warn!("connection ended in an unrecognised way: {evidence}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_text_holds_no_control_character() {
+        assert_eq!(printable("nginx"), "nginx");
+        assert_eq!(printable("a\nb\u{1b}[31mc\\d\"e"), "a\\nb\\u{1b}[31mc\\\\d\"e");
+        assert!(!printable("\r\t\u{7f}\u{9b}").chars().any(char::is_control));
     }
 }

@@ -22,8 +22,9 @@
 
 use std::{
     collections::HashMap,
+    num::NonZeroUsize,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use axum::{
@@ -34,6 +35,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
+use lru::LruCache;
 use rustls::{
     RootCertStore, ServerConfig, SupportedProtocolVersion,
     server::WebPkiClientVerifier,
@@ -269,11 +271,37 @@ fn protocol_versions(
 }
 
 /// The `basic_auth_users` of the file: user → bcrypt hash.
+///
+/// bcrypt is slow on purpose, so a flood of attempts must not cost every core: hashes
+/// are computed one at a time (at most one core), verdicts are remembered (keyed by a
+/// SHA-256 of user, hash and password, as exporter-toolkit does) so a client that
+/// authenticated once is not held up by anyone else's attempts, and at most
+/// [`WAITING_ATTEMPTS`] unremembered attempts wait for their turn; others are answered
+/// 503 at once.
 pub struct BasicAuth {
     users: HashMap<String, String>,
     /// Checked for unknown users, at the cost of the real hashes, so that an unknown
     /// user takes as long to refuse as a wrong password.
     dummy_hash: String,
+    verdicts: Mutex<LruCache<[u8; 32], bool>>,
+    /// One bcrypt at a time.
+    hashing: Mutex<()>,
+    waiting: Arc<tokio::sync::Semaphore>,
+}
+
+/// Verdicts remembered: far more than the attempts bcrypt lets through in a scrape
+/// interval (one core does about 15 a second at cost 10).
+const REMEMBERED_VERDICTS: usize = 4096;
+/// Attempts whose verdict is not remembered that may wait for bcrypt.
+pub const WAITING_ATTEMPTS: usize = 32;
+
+/// What a request's `Authorization` header earned it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    Refused,
+    /// Too many attempts waiting for bcrypt.
+    Busy,
 }
 
 impl BasicAuth {
@@ -291,22 +319,70 @@ impl BasicAuth {
         }
         let dummy_hash =
             bcrypt::hash("observer: no such user", cost).map_err(ConfigError::Bcrypt)?;
-        Ok(Self { users, dummy_hash })
+        Ok(Self {
+            users,
+            dummy_hash,
+            verdicts: Mutex::new(LruCache::new(
+                NonZeroUsize::new(REMEMBERED_VERDICTS).expect("non-zero"),
+            )),
+            hashing: Mutex::new(()),
+            waiting: Arc::new(tokio::sync::Semaphore::new(WAITING_ATTEMPTS)),
+        })
     }
 
-    /// Whether an `Authorization` header names a user with the right password. Slow on
-    /// purpose (bcrypt): call it off the async runtime.
-    pub fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
+    /// Whether an `Authorization` header names a user with the right password.
+    pub async fn check(self: &Arc<Self>, authorization: Option<&HeaderValue>) -> Access {
         let Some((user, password)) = authorization.and_then(parse_basic) else {
-            return false;
+            return Access::Refused;
         };
         let (hash, known) = match self.users.get(&user) {
-            Some(hash) => (hash.as_str(), true),
-            None => (self.dummy_hash.as_str(), false),
+            Some(hash) => (hash.clone(), true),
+            None => (self.dummy_hash.clone(), false),
         };
-        let matches = bcrypt::verify(password.as_bytes(), hash).unwrap_or(false);
-        matches && known
+        let key = verdict_key(&user, &hash, &password);
+        if let Some(allowed) = self.remembered(&key) {
+            return access(allowed && known);
+        }
+        let Ok(waiting) = Arc::clone(&self.waiting).try_acquire_owned() else {
+            return Access::Busy;
+        };
+        // The turn is taken, and the verdict kept, on the blocking thread: a request
+        // given up while it waits (its client gone) must neither let another bcrypt run
+        // beside its own nor waste it.
+        let auth = Arc::clone(self);
+        let matches = tokio::task::spawn_blocking(move || {
+            let _waiting = waiting;
+            let _turn = auth.hashing.lock().unwrap_or_else(PoisonError::into_inner);
+            // Another attempt with the same credentials may have been decided meanwhile.
+            if let Some(allowed) = auth.remembered(&key) {
+                return allowed;
+            }
+            let matches = bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false);
+            auth.verdicts.lock().unwrap_or_else(PoisonError::into_inner).put(key, matches);
+            matches
+        })
+        .await
+        .unwrap_or(false);
+        access(matches && known)
     }
+
+    fn remembered(&self, key: &[u8; 32]) -> Option<bool> {
+        self.verdicts.lock().unwrap_or_else(PoisonError::into_inner).get(key).copied()
+    }
+}
+
+fn access(allowed: bool) -> Access {
+    if allowed { Access::Allowed } else { Access::Refused }
+}
+
+/// SHA-256 of user, hash and password, each length-prefixed (no two triples share it).
+fn verdict_key(user: &str, hash: &str, password: &str) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [user, hash, password] {
+        context.update(&(part.len() as u64).to_le_bytes());
+        context.update(part.as_bytes());
+    }
+    context.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// `Basic base64(user:password)` → (user, password).
@@ -318,24 +394,29 @@ fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
+/// Paths served without credentials: `/healthz` says only whether the daemon runs, and
+/// probes (a kubelet's) cannot authenticate.
+const OPEN_PATHS: [&str; 1] = ["/healthz"];
+
 async fn require_auth(
     State(auth): State<Arc<BasicAuth>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let header = request.headers().get(header::AUTHORIZATION).cloned();
-    // bcrypt takes tens of milliseconds: keep it off the thread that reads the ring buffer.
-    let allowed =
-        tokio::task::spawn_blocking(move || auth.allows(header.as_ref())).await.unwrap_or(false);
-    if allowed {
-        next.run(request).await
-    } else {
-        (
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    match auth.check(request.headers().get(header::AUTHORIZATION)).await {
+        Access::Allowed => next.run(request).await,
+        Access::Busy => {
+            (StatusCode::SERVICE_UNAVAILABLE, "too many authentication attempts\n").into_response()
+        }
+        Access::Refused => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Basic realm=\"observer\"")],
             "Unauthorized\n",
         )
-            .into_response()
+            .into_response(),
     }
 }
 
@@ -355,22 +436,43 @@ mod tests {
         HeaderValue::from_str(&format!("Basic {encoded}")).unwrap()
     }
 
-    #[test]
-    fn checks_basic_auth_users() {
+    #[tokio::test]
+    async fn checks_basic_auth_users() {
         let hash = bcrypt::hash("secret", 4).unwrap();
         let path = write("auth.yml", &format!("basic_auth_users:\n  alice: {hash}\n"));
         let config = WebConfig::load(&path).unwrap();
         let auth = config.auth.expect("auth");
         assert!(config.tls.is_none());
-        assert!(auth.allows(Some(&header("alice", "secret"))));
-        assert!(!auth.allows(Some(&header("alice", "wrong"))));
-        assert!(!auth.allows(Some(&header("bob", "secret"))));
-        assert!(!auth.allows(None));
-        assert!(!auth.allows(Some(&HeaderValue::from_static("Basic !!!"))));
-        assert!(!auth.allows(Some(&HeaderValue::from_static("Bearer x"))));
+        let check = async |value: Option<HeaderValue>| auth.check(value.as_ref()).await;
+        assert_eq!(check(Some(header("alice", "secret"))).await, Access::Allowed);
+        assert_eq!(check(Some(header("alice", "wrong"))).await, Access::Refused);
+        assert_eq!(check(Some(header("bob", "secret"))).await, Access::Refused);
+        assert_eq!(check(None).await, Access::Refused);
+        assert_eq!(check(Some(HeaderValue::from_static("Basic !!!"))).await, Access::Refused);
+        assert_eq!(check(Some(HeaderValue::from_static("Bearer x"))).await, Access::Refused);
         // The dummy hash costs what the real ones cost.
         let dummy: bcrypt::HashParts = auth.dummy_hash.parse().unwrap();
         assert_eq!(dummy.get_cost(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_verdict_waits_for_nobody_and_a_full_queue_sheds() {
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        let path = write("queue.yml", &format!("basic_auth_users:\n  alice: {hash}\n"));
+        let auth = WebConfig::load(&path).unwrap().auth.expect("auth");
+        let alice = header("alice", "secret");
+        assert_eq!(auth.check(Some(&alice)).await, Access::Allowed);
+        // A flood of wrong passwords fills the queue:
+        let _queue = auth.waiting.try_acquire_many(WAITING_ATTEMPTS as u32).unwrap();
+        let remembered =
+            tokio::time::timeout(std::time::Duration::from_secs(5), auth.check(Some(&alice)));
+        assert_eq!(remembered.await, Ok(Access::Allowed));
+        assert_eq!(auth.check(Some(&header("alice", "guess"))).await, Access::Busy);
+        assert_ne!(
+            verdict_key("alice", &hash, "secret"),
+            verdict_key("alice", &hash, "secreT"),
+            "the key depends on the password"
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct NamespaceSummary {
     pub states: BTreeMap<TcpState, (u64, f64)>,
     /// (service port, seconds in CLOSE_WAIT) of each CLOSE_WAIT socket.
     pub close_wait_ages: Vec<(u16, f64)>,
+    /// Ports something listens on (the metrics give them their own `port` value first).
+    pub listening: Vec<u16>,
 }
 
 impl NamespaceSummary {
@@ -144,6 +146,8 @@ impl Tally {
             .into_iter()
             .map(|(local, remote, age)| (service_port(&self.listening, local, remote), age))
             .collect();
+        self.summary.listening = self.listening.into_iter().collect();
+        self.summary.listening.sort_unstable();
         self.summary
     }
 }
@@ -305,6 +309,38 @@ impl Inventory {
     /// The latest summary without refreshing.
     pub fn latest(&self) -> Arc<Summary> {
         Arc::clone(&self.state.lock().unwrap_or_else(PoisonError::into_inner).latest)
+    }
+}
+
+/// Full listings ([`list_all`]) shared by the requests that want one at the same time.
+///
+/// A request is answered by a listing started after it arrived, so it sees every socket
+/// that existed then; but requests arriving while a listing is being taken wait for the
+/// next one together, and take it once: however many clients ask, at most one listing
+/// runs and one waits.
+#[derive(Default)]
+pub struct SharedListing {
+    /// Held while a listing is taken.
+    turn: Mutex<()>,
+    latest: Mutex<Option<(Instant, Arc<Vec<NamespaceSockets>>)>>,
+}
+
+impl SharedListing {
+    /// A listing started no earlier than this call (blocking).
+    pub fn get(&self) -> Arc<Vec<NamespaceSockets>> {
+        let arrived = Instant::now();
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some((started, listing)) = latest
+            && started >= arrived
+        {
+            return listing;
+        }
+        let started = Instant::now();
+        let listing = Arc::new(list_all());
+        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((started, Arc::clone(&listing)));
+        listing
     }
 }
 

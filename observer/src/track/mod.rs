@@ -196,8 +196,29 @@ impl Tracker {
 
     /// Sockets still open (not yet at their final transition), least recent first.
     pub fn live(&self) -> impl Iterator<Item = LiveSocket> + '_ {
+        self.open_sockets()
+            .map(|(socket, tracked)| LiveSocket { states: states_path(tracked).to_vec(), ..socket })
+    }
+
+    /// The first `max` open sockets (most recently active first) that `keep` selects.
+    /// `keep` sees each one without its `states`, which are filled in only for the
+    /// sockets kept: a selective filter costs a comparison per socket, as it runs under
+    /// the lock the capture thread takes.
+    pub fn live_where(
+        &self,
+        max: usize,
+        mut keep: impl FnMut(&LiveSocket) -> bool,
+    ) -> Vec<LiveSocket> {
+        self.open_sockets()
+            .filter(|(socket, _)| keep(socket))
+            .take(max)
+            .map(|(socket, tracked)| LiveSocket { states: states_path(tracked).to_vec(), ..socket })
+            .collect()
+    }
+
+    fn open_sockets(&self) -> impl Iterator<Item = (LiveSocket, &Tracked)> + '_ {
         self.sockets.iter().rev().filter(|(_, tracked)| !tracked.is_closed()).map(|(_, tracked)| {
-            LiveSocket {
+            let socket = LiveSocket {
                 netns: tracked.netns,
                 cookie: tracked.cookie,
                 local: tracked.local.into(),
@@ -206,8 +227,9 @@ impl Tracker {
                 role: tracked.role.unwrap_or(Role::Unknown),
                 opened_ns: tracked.opened_ns(),
                 owner: tracked.owner.as_deref().copied(),
-                states: states_path(tracked).to_vec(),
-            }
+                states: Vec::new(),
+            };
+            (socket, tracked)
         })
     }
 

@@ -133,7 +133,9 @@ fn tls_and_basic_auth_with_curl() {
     assert_eq!(status, 200);
     assert!(body.contains("observer_events_total"), "{body}");
     assert_eq!(curl(&as_user(&tls, "prometheus:s3cret"), &format!("{url}/connections")).0, 200);
-    for path in ["/metrics", "/connections", "/healthz", "/"] {
+    // /healthz only says whether the daemon runs, for probes that cannot authenticate.
+    assert_eq!(curl(&tls, &format!("{url}/healthz")).0, 200, "/healthz without credentials");
+    for path in ["/metrics", "/connections", "/"] {
         assert_eq!(curl(&tls, &format!("{url}{path}")).0, 401, "{path} without credentials");
         assert_eq!(
             curl(&as_user(&tls, "prometheus:wrong"), &format!("{url}{path}")).0,
@@ -151,11 +153,14 @@ fn tls_and_basic_auth_with_curl() {
     // Timing: median of a few tries each; without the dummy hash an unknown user would
     // be refused in well under a millisecond, a wrong password takes bcrypt's time (and
     // with a dummy of another cost, 4x faster or slower per step of cost).
+    // Each try with a password of its own: verdicts are remembered, so a repeated one
+    // would be answered at once.
     let median = |user: &str| {
         let mut times: Vec<Duration> = (0..5)
-            .map(|_| {
+            .map(|attempt| {
+                let credentials = format!("{user}{attempt}");
                 let started = Instant::now();
-                assert_eq!(curl(&as_user(&tls, user), &format!("{url}/healthz")).0, 401);
+                assert_eq!(curl(&as_user(&tls, &credentials), &format!("{url}/")).0, 401);
                 started.elapsed()
             })
             .collect();
@@ -236,4 +241,87 @@ fn bad_config_files_exit_3() {
         assert_eq!(output.status.code(), Some(CONFIG_ERROR), "{message}");
         assert!(message.contains(expected), "expected {expected:?} in: {message}");
     }
+}
+
+/// 200 clients at once sending wrong passwords (bcrypt cost 10, a password of their own
+/// each time): a scraper that authenticated before still gets every scrape within 2 s —
+/// its verdict is remembered, and the wrong ones wait their turn for one core — and the
+/// daemon's CPU time grows by at most about one core.
+#[test]
+fn a_wrong_password_flood_does_not_lock_the_scraper_out() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let pki = Pki::new("web-flood");
+    let hash = bcrypt::hash("s3cret", 10).unwrap();
+    let config = pki.write_config(&format!("basic_auth_users:\n  prometheus: '{hash}'\n"));
+    let daemon = Daemon::start_binary(
+        &binary(),
+        "web-flood",
+        &["--web.config.file".to_string(), config.display().to_string()],
+    );
+    let scrape = || {
+        let started = Instant::now();
+        let (code, _) = curl(
+            &["--max-time", "2", "--user", "prometheus:s3cret"],
+            &format!("{}/metrics", daemon.base_url),
+        );
+        (code, started.elapsed())
+    };
+    assert_eq!(scrape().0, 200, "{}", daemon.log_tail());
+    let cpu_seconds = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", daemon.pid)).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let flood: Vec<_> = (0..200)
+        .map(|client| {
+            let (stop, attempts, url) =
+                (Arc::clone(&stop), Arc::clone(&attempts), format!("{}/metrics", daemon.base_url));
+            std::thread::spawn(move || {
+                let agent: ureq::Agent =
+                    ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let credentials = base64_basic(&format!("prometheus:guess-{client}-{n}"));
+                    let _ = agent.get(&url).header("Authorization", &credentials).call();
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let (cpu_before, started) = (cpu_seconds(), Instant::now());
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(8) {
+        let (code, took) = scrape();
+        assert_eq!(code, 200, "a scrape failed during the flood (after {took:?})");
+        slowest = slowest.max(took);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cores = (cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    flood.into_iter().for_each(|client| client.join().unwrap());
+    eprintln!(
+        "200 clients, {} wrong-password attempts in {:?}: slowest scrape {slowest:?}, the \
+         daemon used {cores:.2} cores",
+        attempts.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(cores < 1.3, "the flood cost {cores:.2} cores");
+    let (_, metrics) =
+        curl(&["--user", "prometheus:s3cret"], &format!("{}/metrics", daemon.base_url));
+    let lost =
+        observer_exposition::Exposition::parse(&metrics).sum("observer_events_lost_total", &[]);
+    assert_eq!(lost, 0.0, "{metrics}");
+    daemon.stop();
+}
+
+fn base64_basic(credentials: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials))
 }

@@ -3,11 +3,13 @@
 //! Names follow the Prometheus conventions (one `observer_` prefix, base units, `_total`
 //! counters, one `_info`); the set and labels of the core ones are part of the product
 //! contract (README "Metrics"). Labels are low-cardinality: the only per-connection
-//! label is the *service* port, capped by `--metrics.max-ports`.
+//! label is the *service* port, capped by `--metrics.max-ports` ([`labels`]: no label
+//! whose values come from the host can be squatted).
+
+mod labels;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    hash::Hash,
     sync::{Mutex, OnceLock, PoisonError},
 };
 
@@ -26,13 +28,15 @@ use crate::{
     track::{ClosedConnection, Effect, TrackerStats},
 };
 
+use self::labels::{CappedLabel, OTHER, PortLabels};
+
 /// `reason` values of `observer_events_lost_total`.
 pub const LOST_RING_FULL: &str = "ring_full";
 pub const LOST_NESTED: &str = "nested";
 pub const LOST_MALFORMED: &str = "malformed";
 
 /// Label value for ports (and other capped labels) beyond their cap.
-pub const OTHER_PORT: &str = "other";
+pub const OTHER_PORT: &str = OTHER;
 
 /// Upper bounds of the CLOSE_WAIT age buckets: a second to a day.
 const CLOSE_WAIT_AGE_BUCKETS: [f64; 8] = [1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
@@ -41,12 +45,20 @@ const CLOSE_WAIT_AGE: &str = "observer_tcp_close_wait_age_seconds";
 
 /// Optional labels of `observer_tcp_closes_total` (off by default: each multiplies the
 /// number of series).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct CloseLabels {
     pub netns: bool,
     pub comm: bool,
-    /// Distinct values of each before further ones become "other".
+    /// Distinct values of each (and of the inventory's `netns`) before further ones
+    /// become "other".
     pub max_values: usize,
+}
+
+impl Default for CloseLabels {
+    /// Both off; `--metrics.max-label-values`' default.
+    fn default() -> Self {
+        Self { netns: false, comm: false, max_values: 64 }
+    }
 }
 
 /// The labels of a `observer_tcp_closes_total` child without the optional ones (the
@@ -84,31 +96,14 @@ pub struct Metrics {
     recent_evicted: IntCounter,
     dropped_sockets: IntCounterVec,
     tracked: IntGauge,
-    ports: Mutex<CappedLabel<u16>>,
+    ports: Mutex<PortLabels>,
     netns_values: Mutex<CappedLabel<u32>>,
     comm_values: Mutex<CappedLabel<String>>,
-}
-
-/// The first `max` distinct values of a label get their own label value; later ones
-/// become "other", so cardinality stays bounded.
-struct CappedLabel<T> {
-    max: usize,
-    seen: HashSet<T>,
-}
-
-impl<T: Hash + Eq + Clone + ToString> CappedLabel<T> {
-    fn new(max: usize) -> Self {
-        Self { max, seen: HashSet::new() }
-    }
-
-    /// Whether `value` gets a label value of its own.
-    fn admit(&mut self, value: &T) -> bool {
-        self.seen.contains(value) || (self.seen.len() < self.max && self.seen.insert(value.clone()))
-    }
-
-    fn label(&mut self, value: &T) -> String {
-        if self.admit(value) { value.to_string() } else { OTHER_PORT.to_string() }
-    }
+    /// The cap of the inventory's `netns` label, and the namespaces labelled at the
+    /// previous inventory (kept first, so that series stay put).
+    max_inventory_namespaces: usize,
+    inventory_namespaces: Mutex<HashSet<u32>>,
+    refused_namespaces: IntCounter,
 }
 
 /// Brings a counter up to a running total kept elsewhere (it never goes down).
@@ -243,6 +238,16 @@ impl Metrics {
             "Sockets dropped without a verdict (table full, or final event lost).",
             &["reason"],
         );
+        let refused = counter_vec(
+            &registry,
+            "observer_label_values_refused_total",
+            "Label values exported as \"other\" because their label's cap was reached \
+             (--metrics.max-ports, --metrics.max-label-values), by label.",
+            &["label"],
+        );
+        for label in ["port", "netns", "comm"] {
+            refused.with_label_values(&[label]);
+        }
         let tracked = gauge(
             &registry,
             "observer_tracker_sockets",
@@ -288,19 +293,28 @@ impl Metrics {
             recent_evicted,
             dropped_sockets,
             tracked,
-            ports: Mutex::new(CappedLabel::new(max_ports)),
-            netns_values: Mutex::new(CappedLabel::new(close_labels.max_values)),
-            comm_values: Mutex::new(CappedLabel::new(close_labels.max_values)),
+            ports: Mutex::new(PortLabels::new(max_ports, refused.with_label_values(&["port"]))),
+            netns_values: Mutex::new(CappedLabel::new(
+                close_labels.max_values,
+                refused.with_label_values(&["netns"]),
+            )),
+            comm_values: Mutex::new(CappedLabel::new(
+                close_labels.max_values,
+                refused.with_label_values(&["comm"]),
+            )),
+            max_inventory_namespaces: close_labels.max_values,
+            inventory_namespaces: Mutex::new(HashSet::new()),
+            refused_namespaces: refused.with_label_values(&["netns"]),
         }
     }
 
     fn port_label(&self, port: u16) -> String {
-        self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(&port)
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner).label(port)
     }
 
     /// The port's label value: `Some(port)`, or `None` for "other" past the cap.
     fn capped_port(&self, port: u16) -> Option<u16> {
-        self.ports.lock().unwrap_or_else(PoisonError::into_inner).admit(&port).then_some(port)
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner).admit(port).then_some(port)
     }
 
     pub fn record_close(&self, closed: &ClosedConnection) {
@@ -412,19 +426,52 @@ impl Metrics {
         self.oldest.reset();
         self.namespaces.set(summary.namespaces.len() as i64);
         self.namespace_errors.set(summary.failures as i64);
+        self.ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_listening(summary.namespaces.iter().flat_map(|n| n.listening.iter().copied()));
+        let labelled = self.labelled_namespaces(summary);
+        // state → (sockets, oldest) of the namespaces past the cap, as "other".
+        let mut other: BTreeMap<TcpState, (u64, f64)> = BTreeMap::new();
         let mut close_wait_ages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for namespace in &summary.namespaces {
-            let netns = namespace.netns.to_string();
-            for (state, (count, oldest)) in &namespace.states {
-                self.sockets.with_label_values(&[&netns, state.name()]).set(*count as i64);
-                self.oldest.with_label_values(&[&netns, state.name()]).set(*oldest);
+            if labelled.contains(&namespace.netns) {
+                let netns = namespace.netns.to_string();
+                for (state, (count, oldest)) in &namespace.states {
+                    self.sockets.with_label_values(&[&netns, state.name()]).set(*count as i64);
+                    self.oldest.with_label_values(&[&netns, state.name()]).set(*oldest);
+                }
+            } else {
+                for (state, (count, oldest)) in &namespace.states {
+                    let entry = other.entry(*state).or_default();
+                    entry.0 += count;
+                    entry.1 = entry.1.max(*oldest);
+                }
             }
             for (port, age) in &namespace.close_wait_ages {
                 close_wait_ages.entry(self.port_label(*port)).or_default().push(*age);
             }
         }
+        for (state, (count, oldest)) in other {
+            self.sockets.with_label_values(&[OTHER, state.name()]).set(count as i64);
+            self.oldest.with_label_values(&[OTHER, state.name()]).set(oldest);
+        }
         *self.close_wait_ages.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(close_wait_histogram(&close_wait_ages));
+    }
+
+    /// The namespaces of an inventory that get a `netns` value of their own: those
+    /// labelled last time first, then new ones by inode, up to the cap; the others are
+    /// counted as refused.
+    fn labelled_namespaces(&self, summary: &Summary) -> HashSet<u32> {
+        let mut previous = self.inventory_namespaces.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut present: Vec<u32> = summary.namespaces.iter().map(|n| n.netns).collect();
+        present.sort_unstable_by_key(|netns| (!previous.contains(netns), *netns));
+        let kept: HashSet<u32> =
+            present.iter().copied().take(self.max_inventory_namespaces).collect();
+        self.refused_namespaces.inc_by(present.len().saturating_sub(kept.len()) as u64);
+        previous.clone_from(&kept);
+        kept
     }
 
     /// The text exposition format.

@@ -1,12 +1,28 @@
 use super::*;
 
 #[test]
-fn caps_port_labels() {
-    let mut ports = CappedLabel::new(2);
-    assert_eq!(ports.label(&80u16), "80");
-    assert_eq!(ports.label(&443), "443");
-    assert_eq!(ports.label(&8080), OTHER_PORT);
-    assert_eq!(ports.label(&80), "80");
+fn namespaces_past_the_label_cap_are_summed_as_other_and_counted() {
+    use crate::inventory::NamespaceSummary;
+    let metrics = Metrics::new(8, CloseLabels { max_values: 1, ..CloseLabels::default() });
+    let namespace = |netns, count, oldest| NamespaceSummary {
+        netns,
+        states: [(TcpState::Established, (count, oldest))].into_iter().collect(),
+        ..NamespaceSummary::default()
+    };
+    let summary = Summary {
+        namespaces: vec![namespace(7, 3, 5.0), namespace(8, 4, 9.0), namespace(9, 1, 2.0)],
+        failures: 0,
+    };
+    metrics.set_inventory(&summary);
+    let text = metrics.render();
+    for line in [
+        "observer_tcp_sockets{netns=\"7\",state=\"established\"} 3",
+        "observer_tcp_sockets{netns=\"other\",state=\"established\"} 5",
+        "observer_tcp_socket_oldest_age_seconds{netns=\"other\",state=\"established\"} 9",
+        "observer_label_values_refused_total{label=\"netns\"} 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+    }
 }
 
 #[test]
