@@ -108,6 +108,8 @@ pub async fn run(
         .map_err(|source| Error::Listen { address: args.listen_address, source })?;
     let address = listener.local_addr().unwrap_or(args.listen_address);
     let (layout, attached) = kernel::attach(&common, may_load)?;
+    scan::start()
+        .map_err(|source| Error::Io { context: "cannot start the scan thread", source })?;
 
     let close_labels = CloseLabels {
         netns: args.netns_label,
@@ -176,7 +178,12 @@ pub async fn run(
     let sink = DaemonSink { recent, cgroups: CgroupNames::new(), events_file };
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
     let result = match pipeline.spawn(shutdown.clone()) {
-        Ok(stopped) => stopped.await,
+        Ok(stopped) => {
+            // The capture and scan threads keep what they need; this one serves HTTP.
+            privileges::drop_all_on_this_thread();
+            log::info!("capabilities kept by the capture and scan threads only");
+            stopped.await
+        }
         Err(error) => Err(error),
     };
     healthy.store(false, Ordering::Relaxed);

@@ -26,7 +26,12 @@ fn main() -> ExitCode {
         .filter_module("aya_obj", level.min(log::LevelFilter::Info))
         .format_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // Threads of the runtime's pool (bcrypt) hold no capability (see kernel::privileges).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_start(observer::kernel::privileges::drop_all_on_this_thread)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             return fail(&Error::Io { context: "cannot start the runtime", source: error });

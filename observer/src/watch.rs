@@ -109,8 +109,6 @@ pub async fn run(
     let (layout, attached) = kernel::attach(&common, kernel::privileges::check()?)?;
     let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
     let (lines, printed) = std::sync::mpsc::sync_channel(PRINT_QUEUE);
-    let printer = spawn_printer(printed, shutdown.clone())
-        .map_err(|source| Error::Io { context: "cannot start the printer thread", source })?;
     let dropped = Arc::new(AtomicU64::new(0));
     let sink = WatchSink {
         args: args.clone(),
@@ -126,7 +124,12 @@ pub async fn run(
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
     // The pipeline (and with it the sink) is gone once it has stopped: the printer then
     // writes what is queued and ends.
-    let result = pipeline.spawn(shutdown)?.await;
+    let stopped = pipeline.spawn(shutdown.clone())?;
+    // The capture thread keeps what it needs; this one and the printer hold nothing.
+    kernel::privileges::drop_all_on_this_thread();
+    let printer = spawn_printer(printed, shutdown)
+        .map_err(|source| Error::Io { context: "cannot start the printer thread", source })?;
+    let result = stopped.await;
     let _ = printer.join();
     let dropped = dropped.load(Ordering::Relaxed);
     if dropped > 0 {

@@ -56,7 +56,14 @@ pub struct Daemon {
 pub fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
     DAEMON.get_or_init(|| {
-        let mut args = vec!["--connections.max-recent".to_string(), "100000".to_string()];
+        // Every scenario of the run has ports of its own, and some fill a port cap on
+        // purpose (labels::squatted_ports…): room for them all.
+        let mut args = vec![
+            "--connections.max-recent".to_string(),
+            "100000".to_string(),
+            "--metrics.max-ports".to_string(),
+            "4096".to_string(),
+        ];
         if let Some(events) = crate::record::events_file() {
             args.push("--debug.events-file".into());
             args.push(events.display().to_string());

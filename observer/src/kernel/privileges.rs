@@ -13,9 +13,11 @@
 //! `CAP_NET_*`, `CAP_SETPCAP` itself, … from the effective, permitted, inheritable,
 //! ambient and (when allowed) bounding sets, so not even an exec can get them back.
 //!
-//! Capabilities are per thread: this runs on the runtime's only thread before any other
-//! thread exists, and threads created later (tokio's blocking pool) inherit the reduced
-//! sets.
+//! Capabilities are per thread: this runs on the main thread before any other thread
+//! exists, and the threads created from it inherit the reduced sets. Only two keep them:
+//! the capture thread and the scan thread (`crate::scan`); the main thread, which serves
+//! HTTP, and every thread of the runtime's pool give them up
+//! ([`drop_all_on_this_thread`]).
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -84,4 +86,17 @@ pub fn drop_unneeded() -> CapsHashSet {
         Err(error) => log::warn!("cannot drop capabilities: {error}"),
     }
     keep
+}
+
+/// Gives up every capability on the calling thread, for good: the threads that parse
+/// HTTP, check passwords or write output need none. Failing is logged, not fatal.
+pub fn drop_all_on_this_thread() {
+    let none = CapsHashSet::new();
+    let result = caps::clear(None, CapSet::Ambient)
+        .and_then(|()| caps::set(None, CapSet::Inheritable, &none))
+        .and_then(|()| caps::set(None, CapSet::Effective, &none))
+        .and_then(|()| caps::set(None, CapSet::Permitted, &none));
+    if let Err(error) = result {
+        log::warn!("cannot drop this thread's capabilities: {error}");
+    }
 }

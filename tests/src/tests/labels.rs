@@ -160,12 +160,21 @@ fn squatted_ports_leave_a_real_service_its_label() {
     let real = daemon.metric_sum("observer_tcp_closes_total", &[("port", "443")]);
     let other = daemon.metric_sum("observer_tcp_closes_total", &[("port", "other")]);
     let refused = daemon.metric_sum("observer_label_values_refused_total", &[("label", "port")]);
+    // Ports of the rest of the host (CLOSE_WAIT sockets of other tests) may hold some of
+    // the 256 values too: count the squatters that got one.
+    let labelled = (20_000..20_300u16)
+        .filter(|port| {
+            daemon.metric_sum("observer_tcp_closes_total", &[("port", &port.to_string())]) > 0.0
+        })
+        .count();
     eprintln!(
-        "300 squatting ports: {other} closes as \"other\", {refused} refused; port 443: {real}"
+        "300 squatting ports: {labelled} labelled, {other} closes as \"other\", {refused} \
+         values refused; port 443: {real} closes"
     );
     assert_eq!(closes(), 602.0, "{}", daemon.log_tail());
     assert_eq!(real, 2.0, "the real service lost its label");
-    assert_eq!(other, 2.0 * 44.0, "256 squatting ports get a value, 44 do not");
-    assert_eq!(refused, other, "every close given \"other\" is counted");
+    assert!(labelled <= 256, "the cap held: {labelled} squatting ports labelled");
+    assert_eq!(other, 2.0 * (300 - labelled) as f64, "the other squatters' closes are other");
+    assert!(refused >= other, "every close given \"other\" is counted ({refused} < {other})");
     daemon.stop();
 }

@@ -60,9 +60,15 @@ impl PortLabels {
         Self { max, listening: HashSet::new(), admitted: HashSet::new(), unlisted: 0, refused }
     }
 
-    /// The ports something listens on now.
+    /// The ports something listens on now, from an inventory.
     pub fn set_listening(&mut self, ports: impl IntoIterator<Item = u16>) {
         self.listening = ports.into_iter().collect();
+    }
+
+    /// A socket started listening on `port` (a transition to LISTEN): known at once,
+    /// before the next inventory lists it.
+    pub fn learn_listening(&mut self, port: u16) {
+        self.listening.insert(port);
     }
 
     /// Whether `port` gets a label value of its own.

@@ -359,8 +359,15 @@ impl Metrics {
     /// it (`effect`).
     pub fn record(&self, event: &SocketEvent, effect: Effect) {
         self.record_event();
-        if let SocketEvent::Reset(reset) = event {
-            self.record_reset(reset);
+        match event {
+            SocketEvent::Reset(reset) => self.record_reset(reset),
+            SocketEvent::State(change) if change.new == TcpState::Listen => {
+                self.ports
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .learn_listening(change.local.port());
+            }
+            _ => {}
         }
         if let Effect::Transition { from, to } = effect {
             self.record_transition(from, to);
