@@ -97,10 +97,7 @@ pub async fn run(
     let events_file = args.events_file.as_deref().map(create_events_file).transpose()?;
     // Cheap checks first: a bad config file or a busy port is reported before the
     // programs are loaded.
-    let web_config = match &args.web_config_file {
-        Some(path) => web_config::WebConfig::load(path)?,
-        None => web_config::WebConfig::default(),
-    };
+    let web_config = web_config::LiveConfig::load(args.web_config_file.as_deref())?;
     let may_load = privileges::check()?;
     let open_files = server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(args.listen_address)
@@ -170,9 +167,10 @@ pub async fn run(
     // Authentication outermost: a client that authenticated once is let in before the
     // in-flight bound, which a flood of wrong passwords cannot then fill.
     let app = web_config.protect(server::bounded(routes, limits));
-    let scheme = if web_config.tls.is_some() { "https" } else { "http" };
-    let server =
-        tokio::spawn(server::serve(listener, app, web_config.tls, limits, shutdown.clone()));
+    let scheme = if web_config.current().tls.is_some() { "https" } else { "http" };
+    reload_on_hangup(Arc::clone(&web_config), shutdown.clone())
+        .map_err(|source| Error::Io { context: "cannot install signal handlers", source })?;
+    let server = tokio::spawn(server::serve(listener, app, web_config, limits, shutdown.clone()));
     log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
     let sink = DaemonSink { recent, cgroups: CgroupNames::new(), events_file };
@@ -192,6 +190,28 @@ pub async fn run(
         log::error!("HTTP server task failed: {join}");
     }
     result
+}
+
+/// Reads the web config file again at each SIGHUP (certificate rotation, user changes).
+fn reload_on_hangup(
+    config: Arc<web_config::LiveConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangup.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    config.reload();
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Ok(())
 }
 
 /// `--debug.events-file`: created afresh, readable by its owner only (events name every

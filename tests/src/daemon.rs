@@ -39,6 +39,14 @@ fn http_agent() -> &'static ureq::Agent {
     AGENT.get_or_init(ureq::Agent::new_with_defaults)
 }
 
+/// How long a test may allow for something the issue bounds at `real` on this machine:
+/// `real` itself, but ten times it in a guest under emulation (vm-test sets
+/// `OBSERVER_TEST_EMULATED`), where every instruction costs 10–50 times more. Only
+/// latencies are scaled; counts (events lost, closes counted) are checked as they are.
+pub fn latency_budget(real: Duration) -> Duration {
+    if std::env::var_os("OBSERVER_TEST_EMULATED").is_some() { real * 10 } else { real }
+}
+
 /// A free TCP port on the host's loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

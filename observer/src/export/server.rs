@@ -33,6 +33,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::export::web_config::LiveConfig;
 use tower_service::Service as _;
 
 /// Descriptors kept for everything but client connections (rings, maps, netlink,
@@ -116,12 +118,13 @@ async fn bound_request(
     }
 }
 
-/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown`, then lets the
-/// requests in progress finish for a moment.
+/// Serves `app` on `listener` until `shutdown`, then lets the requests in progress
+/// finish for a moment; over TLS if the web configuration in force has it (each
+/// handshake takes the certificate in force then).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    config: Arc<LiveConfig>,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
@@ -143,7 +146,8 @@ pub async fn serve(
             }
         };
         let connection = open.admit();
-        let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+        let tls = config.current().tls.clone();
+        let (app, shutdown) = (app.clone(), shutdown.clone());
         tasks.spawn(async move {
             let closed = connection.closed();
             let requests = Arc::clone(&connection.requests);

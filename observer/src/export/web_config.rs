@@ -24,7 +24,7 @@ use std::{
     collections::HashMap,
     num::NonZeroUsize,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
 use axum::{
@@ -112,15 +112,56 @@ impl WebConfig {
         };
         Ok(Self { tls, auth })
     }
+}
 
-    /// Puts `router` behind basic auth if the file asked for it.
-    pub fn protect(&self, router: Router) -> Router {
-        match &self.auth {
-            Some(auth) => {
-                router.layer(middleware::from_fn_with_state(Arc::clone(auth), require_auth))
+/// The web configuration in force, replaced as a whole when the file is read again
+/// (SIGHUP): each new TLS handshake and each request takes the current one, so a rotated
+/// certificate or a changed user list needs no restart.
+pub struct LiveConfig {
+    path: Option<PathBuf>,
+    current: RwLock<Arc<WebConfig>>,
+}
+
+impl LiveConfig {
+    /// The configuration read from `path` (`None`: plain HTTP, no users, never reread).
+    pub fn load(path: Option<&Path>) -> Result<Arc<Self>, Error> {
+        let config = match path {
+            Some(path) => WebConfig::load(path)?,
+            None => WebConfig::default(),
+        };
+        Ok(Arc::new(Self {
+            path: path.map(Path::to_path_buf),
+            current: RwLock::new(Arc::new(config)),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<WebConfig> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Reads the file again; a file that does not load, or that would switch TLS on or
+    /// off (the listener's scheme is fixed at start), leaves the configuration in force.
+    pub fn reload(&self) {
+        let Some(path) = &self.path else { return };
+        match WebConfig::load(path) {
+            Ok(config) if config.tls.is_some() != self.current().tls.is_some() => log::warn!(
+                "web config {}: TLS cannot be switched on or off without a restart; keeping \
+                 the configuration in force",
+                path.display()
+            ),
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+                log::info!("web config {} read again", path.display());
             }
-            None => router,
+            Err(error) => {
+                log::warn!("{}; keeping the configuration in force", crate::error::one_line(&error))
+            }
         }
+    }
+
+    /// Puts `router` behind the basic auth of the configuration in force at each request.
+    pub fn protect(self: &Arc<Self>, router: Router) -> Router {
+        router.layer(middleware::from_fn_with_state(Arc::clone(self), require_auth))
     }
 }
 
@@ -399,10 +440,13 @@ fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
 const OPEN_PATHS: [&str; 1] = ["/healthz"];
 
 async fn require_auth(
-    State(auth): State<Arc<BasicAuth>>,
+    State(config): State<Arc<LiveConfig>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let Some(auth) = config.current().auth.clone() else {
+        return next.run(request).await;
+    };
     if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
