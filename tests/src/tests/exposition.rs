@@ -1,10 +1,6 @@
 //! The exposition format, checked by Prometheus' own tools.
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use super::assert_verdict;
 use crate::{
@@ -21,21 +17,8 @@ fn promtool_accepts_the_exposition() {
     drop((client, server));
     daemon().verdicts(&pair.client, 1);
     let exposition = daemon().get("/metrics");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus)");
-    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success() && complaints.trim().is_empty(), "promtool: {complaints}");
+    let checked = crate::prometheus::check_metrics(&exposition);
+    assert!(checked.as_ref().is_ok_and(|said| said.trim().is_empty()), "promtool: {checked:?}");
     for name in [
         "observer_tcp_closes_total",
         "observer_tcp_transitions_total",

@@ -45,6 +45,15 @@ fn scrape(daemon: &Daemon, timeout: Duration) -> Option<Duration> {
     Some(started.elapsed())
 }
 
+/// Asserts that a fresh client gets `/metrics` within 2 s (scaled under emulation);
+/// returns how long it took.
+fn assert_scrapes(daemon: &Daemon, during: &str) -> Duration {
+    let budget = latency_budget(Duration::from_secs(2));
+    let took = scrape(daemon, budget);
+    assert!(took.is_some(), "no scrape within {budget:?} {during}\n{}", daemon.log_tail());
+    took.unwrap_or_default()
+}
+
 /// Resident memory at its peak, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -130,14 +139,7 @@ fn connection_listers_cannot_blind_the_capture() {
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
     while started.elapsed() < STORM {
-        let budget = latency_budget(Duration::from_secs(2));
-        let took = scrape(&daemon, budget);
-        assert!(
-            took.is_some(),
-            "a scrape took over {budget:?} during the storm\n{}",
-            daemon.log_tail()
-        );
-        slowest = slowest.max(took.unwrap_or_default());
+        slowest = slowest.max(assert_scrapes(&daemon, "during the storm"));
         std::thread::sleep(Duration::from_millis(250));
     }
     storm_stop.store(true, Ordering::Relaxed);
@@ -204,14 +206,7 @@ fn idle_and_slow_connections_cannot_lock_a_scraper_out() {
         for stream in &mut slow {
             let _ = stream.write_all(b"G");
         }
-        let budget = latency_budget(Duration::from_secs(2));
-        let took = scrape(&daemon, budget);
-        assert!(
-            took.is_some(),
-            "no scrape within {budget:?} among idle connections\n{}",
-            daemon.log_tail()
-        );
-        scrapes.extend(took);
+        scrapes.push(assert_scrapes(&daemon, "among idle connections"));
         std::thread::sleep(Duration::from_secs(2));
     }
     let closed = |stream: &TcpStream| {
