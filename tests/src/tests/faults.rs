@@ -5,10 +5,11 @@
 use std::{
     path::PathBuf,
     process::{Command, Output},
+    time::Duration,
 };
 
 use super::cli::stderr_line;
-use crate::daemon::{Daemon, binary, free_port};
+use crate::daemon::{Daemon, binary, free_port, wait_until};
 
 /// Exit codes of `observer` (observer/src/error.rs `exit`).
 const NO_BTF: i32 = 5;
@@ -121,19 +122,29 @@ fn runs_without_tracefs() {
 }
 
 /// Capability sets of every thread of `pid`, as (CapPrm, CapEff, CapBnd, CapInh, CapAmb),
-/// with the thread's name.
+/// with the thread's name — once every thread but the main one has its own name (a thread
+/// just started still carries its creator's name and capabilities for a moment).
 fn capabilities(pid: u32) -> Vec<(String, [u64; 5])> {
+    let mut threads = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        threads = thread_capabilities(pid);
+        threads.iter().filter(|(name, _)| name == "observer").count() <= 1
+    });
+    threads
+}
+
+fn thread_capabilities(pid: u32) -> Vec<(String, [u64; 5])> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let path = task.unwrap().path();
-        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
                 .find_map(|line| line.strip_prefix(name))
-                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
-                .unwrap()
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or(0)
         };
         let sets = ["CapPrm:", "CapEff:", "CapBnd:", "CapInh:", "CapAmb:"].map(field);
         threads.push((comm.trim().to_string(), sets));

@@ -1,5 +1,14 @@
 use super::*;
 
+/// Sets `summary` as the inventory and checks that each of `lines` is in the exposition.
+fn assert_inventory_exposes(metrics: &Metrics, summary: &Summary, lines: &[&str]) {
+    metrics.set_inventory(summary);
+    let text = metrics.render();
+    for line in lines {
+        assert!(text.lines().any(|l| l == *line), "{line} missing from\n{text}");
+    }
+}
+
 #[test]
 fn namespaces_past_the_label_cap_are_summed_as_other_and_counted() {
     use crate::inventory::NamespaceSummary;
@@ -13,16 +22,13 @@ fn namespaces_past_the_label_cap_are_summed_as_other_and_counted() {
         namespaces: vec![namespace(7, 3, 5.0), namespace(8, 4, 9.0), namespace(9, 1, 2.0)],
         failures: 0,
     };
-    metrics.set_inventory(&summary);
-    let text = metrics.render();
-    for line in [
+    let lines = [
         "observer_tcp_sockets{netns=\"7\",state=\"established\"} 3",
         "observer_tcp_sockets{netns=\"other\",state=\"established\"} 5",
         "observer_tcp_socket_oldest_age_seconds{netns=\"other\",state=\"established\"} 9",
         "observer_label_values_refused_total{label=\"netns\"} 2",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
-    }
+    ];
+    assert_inventory_exposes(&metrics, &summary, &lines);
 }
 
 #[test]
@@ -56,9 +62,7 @@ fn inventory_gives_counts_oldest_ages_and_close_wait_histogram() {
         failures: 0,
     };
     let metrics = Metrics::new(8, CloseLabels::default());
-    metrics.set_inventory(&summary);
-    let text = metrics.render();
-    for line in [
+    let lines = [
         "observer_tcp_sockets{netns=\"7\",state=\"close_wait\"} 3",
         "observer_tcp_sockets{netns=\"7\",state=\"listen\"} 1",
         "observer_tcp_sockets{netns=\"7\",state=\"time_wait\"} 1",
@@ -66,9 +70,8 @@ fn inventory_gives_counts_oldest_ages_and_close_wait_histogram() {
         "observer_tcp_close_wait_age_seconds_bucket{port=\"8080\",le=\"60\"} 1",
         "observer_tcp_close_wait_age_seconds_bucket{port=\"8080\",le=\"+Inf\"} 2",
         "observer_tcp_close_wait_age_seconds_count{port=\"5432\"} 1",
-    ] {
-        assert!(text.contains(line), "missing {line} in\n{text}");
-    }
+    ];
+    assert_inventory_exposes(&metrics, &summary, &lines);
     // A namespace that disappeared takes its series with it.
     metrics.set_inventory(&Summary::default());
     let text = metrics.render();
