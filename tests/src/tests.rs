@@ -5,7 +5,6 @@ mod dashboard;
 mod exposition;
 mod faults;
 mod graceful;
-mod hostile;
 mod inventory;
 mod labels;
 mod lifecycle;
@@ -18,6 +17,9 @@ mod soak;
 mod timeouts;
 mod various;
 mod web;
+// Last in the run (tests run in name order): its storm loads the whole host, and the
+// shared daemon sees it; no scenario of the shared daemon runs after it.
+mod workload;
 
 use crate::{
     daemon::{Connection, daemon, wait_until},

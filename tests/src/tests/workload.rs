@@ -1,7 +1,6 @@
-//! Hostile clients of the HTTP side cannot blind the capture or lock a scraper out: many
-//! `/connections` listers during a connection storm, floods of idle and slow
-//! connections under a small open-file limit, floods of wrong passwords, and query
-//! strings nobody should send.
+//! Hostile workloads: clients of the HTTP side cannot blind the capture or lock a scraper
+//! out — many `/connections` listers during a connection storm, floods of idle and slow
+//! connections under a small open-file limit, and query strings nobody should send.
 
 use std::{
     io::{Read as _, Write as _},
