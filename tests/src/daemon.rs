@@ -47,6 +47,19 @@ pub fn latency_budget(real: Duration) -> Duration {
     if std::env::var_os("OBSERVER_TEST_EMULATED").is_some() { real * 10 } else { real }
 }
 
+/// Resident set size of a process, in KiB: (current, peak).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// A free TCP port on the host's loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

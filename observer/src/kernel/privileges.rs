@@ -70,11 +70,7 @@ pub fn drop_unneeded() -> CapsHashSet {
             }
         }
     }
-    let result = caps::clear(None, CapSet::Ambient)
-        .and_then(|()| caps::set(None, CapSet::Inheritable, &CapsHashSet::new()))
-        .and_then(|()| caps::set(None, CapSet::Effective, &keep))
-        .and_then(|()| caps::set(None, CapSet::Permitted, &keep));
-    match result {
+    match keep_only_on_this_thread(&keep) {
         Ok(()) => {
             let mut names: Vec<String> = keep.iter().map(ToString::to_string).collect();
             names.sort();
@@ -91,12 +87,16 @@ pub fn drop_unneeded() -> CapsHashSet {
 /// Gives up every capability on the calling thread, for good: the threads that parse
 /// HTTP, check passwords or write output need none. Failing is logged, not fatal.
 pub fn drop_all_on_this_thread() {
-    let none = CapsHashSet::new();
-    let result = caps::clear(None, CapSet::Ambient)
-        .and_then(|()| caps::set(None, CapSet::Inheritable, &none))
-        .and_then(|()| caps::set(None, CapSet::Effective, &none))
-        .and_then(|()| caps::set(None, CapSet::Permitted, &none));
-    if let Err(error) = result {
+    if let Err(error) = keep_only_on_this_thread(&CapsHashSet::new()) {
         log::warn!("cannot drop this thread's capabilities: {error}");
     }
+}
+
+/// Reduces the calling thread's sets to `keep`: ambient cleared, inheritable emptied,
+/// effective and permitted set to `keep` (for good: permitted never grows back).
+fn keep_only_on_this_thread(keep: &CapsHashSet) -> Result<(), caps::errors::CapsError> {
+    caps::clear(None, CapSet::Ambient)?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
+    caps::set(None, CapSet::Effective, keep)?;
+    caps::set(None, CapSet::Permitted, keep)
 }

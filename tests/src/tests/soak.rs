@@ -21,22 +21,9 @@ use std::{
 use socket2::{Domain, Socket, Type};
 
 use crate::{
-    daemon::{Daemon, wait_until},
+    daemon::{Daemon, rss_kib, wait_until},
     net::Pair,
 };
-
-/// Resident set size of a process, in KiB: (current, peak).
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 fn report(line: &str) {
     eprintln!("{line}");

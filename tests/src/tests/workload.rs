@@ -14,7 +14,7 @@ use std::{
 };
 
 use crate::{
-    daemon::{Daemon, binary, latency_budget, wait_until},
+    daemon::{Daemon, binary, latency_budget, rss_kib, wait_until},
     net::Namespace,
 };
 
@@ -51,16 +51,6 @@ fn assert_scrapes(daemon: &Daemon, during: &str) -> Duration {
     let took = scrape(daemon, budget);
     assert!(took.is_some(), "no scrape within {budget:?} {during}\n{}", daemon.log_tail());
     took.unwrap_or_default()
-}
-
-/// Resident memory at its peak, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Opens and closes connections to `ports` as fast as it can until `stop`, the client
@@ -154,7 +144,7 @@ fn connection_listers_cannot_blind_the_capture() {
     let dropped = || daemon.metric_sum("observer_tracker_dropped_sockets_total", &[]);
     wait_until(Duration::from_secs(30), || closes() + dropped() >= expected);
     let lost = daemon.metric_sum("observer_events_lost_total", &[]);
-    let rss = peak_rss_kib(daemon.pid);
+    let (_, rss) = rss_kib(daemon.pid);
     eprintln!(
         "{LISTERS} listers answered {} times over {time_wait} TIME_WAIT sockets while {stormed} \
          connections churned in {STORM:?}; slowest scrape {slowest:?}; {} of {expected} closes \
