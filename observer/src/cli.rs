@@ -117,6 +117,13 @@ pub struct CommonArgs {
     )]
     pub ring_buffer_bytes: Option<u32>,
 
+    /// The host's cgroup v2 hierarchy, to name the cgroup (and container) of each
+    /// socket's owner: a cgroup2 mount, or a directory holding one as `unified`.
+    /// Default: the cgroup2 mount of observer's own mount namespace. In a container, bind
+    /// the host's /sys/fs/cgroup here (a container's own is only its subtree).
+    #[arg(long = "path.cgroupfs", value_name = "PATH", global = true)]
+    pub cgroupfs: Option<std::path::PathBuf>,
+
     /// Kernel BTF to read instead of the running kernel's (for tests of a missing or
     /// corrupt BTF; the programs still load into the running kernel).
     #[arg(

@@ -98,6 +98,7 @@ pub async fn run(
     // Cheap checks first: a bad config file or a busy port is reported before the
     // programs are loaded.
     let web_config = web_config::LiveConfig::load(args.web_config_file.as_deref())?;
+    let cgroup_root = owner::cgroup::hierarchy(common.cgroupfs.as_deref())?;
     let may_load = privileges::check()?;
     let open_files = server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(args.listen_address)
@@ -119,7 +120,7 @@ pub async fn run(
     let healthy = Arc::new(AtomicBool::new(true));
     let tracker = Arc::new(Mutex::new(Tracker::new(common.max_sockets)));
     let inventory = Arc::new(Inventory::new());
-    let cgroups = Arc::new(Mutex::new(CgroupNames::new()));
+    let cgroups = Arc::new(Mutex::new(CgroupNames::new(cgroup_root.clone())));
     // The first inventory: sockets older than the daemon are counted from the start.
     let first = Arc::clone(&inventory);
     if let Some(snapshot) = scan::SOCKETS.run(move || first.refresh(Duration::ZERO)).await {
@@ -133,8 +134,15 @@ pub async fn run(
         }
     }
     // Sockets older than the daemon: who holds them now is the best owner there is.
-    let startup_holders =
-        Arc::new(scan::HOLDERS.run(owner::socket_holders).await.unwrap_or_default());
+    let startup_holders = Arc::new(
+        scan::HOLDERS
+            .run({
+                let root = cgroup_root.clone();
+                move || owner::socket_holders(root.as_deref())
+            })
+            .await
+            .unwrap_or_default(),
+    );
     let startup_sockets = scan::SOCKETS.run(inventory::list_all).await.unwrap_or_default();
     tracker
         .lock()
@@ -173,7 +181,7 @@ pub async fn run(
     let server = tokio::spawn(server::serve(listener, app, web_config, limits, shutdown.clone()));
     log::info!("listening on {scheme}://{address}{}", args.telemetry_path);
 
-    let sink = DaemonSink { recent, cgroups: CgroupNames::new(), events_file };
+    let sink = DaemonSink { recent, cgroups: CgroupNames::new(cgroup_root), events_file };
     let pipeline = Pipeline::new(attached, Decoder::new(&layout), tracker, metrics, sink);
     let result = match pipeline.spawn(shutdown.clone()) {
         Ok(stopped) => {

@@ -78,6 +78,12 @@ pub enum Error {
         source: ConfigError,
     },
 
+    #[error(
+        "--path.cgroupfs {}: not a cgroup v2 hierarchy, nor a directory holding one as \
+         `unified`", path.display()
+    )]
+    NotCgroup2 { path: PathBuf },
+
     #[error("{context}")]
     Io {
         context: &'static str,
@@ -100,6 +106,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Io { .. } => 1,
+            Error::NotCgroup2 { .. } => USAGE_EXIT,
             Error::Config { .. } => 3,
             Error::Privileges { .. } => 4,
             Error::NoBtf { .. } => 5,

@@ -106,13 +106,14 @@ pub async fn run(
     common: CommonArgs,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let cgroup_root = crate::owner::cgroup::hierarchy(common.cgroupfs.as_deref())?;
     let (layout, attached) = kernel::attach(&common, kernel::privileges::check()?)?;
     let metrics = Arc::new(Metrics::new(0, CloseLabels::default()));
     let (lines, printed) = std::sync::mpsc::sync_channel(PRINT_QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     let sink = WatchSink {
         args: args.clone(),
-        cgroups: CgroupNames::new(),
+        cgroups: CgroupNames::new(cgroup_root),
         lines,
         dropped: Arc::clone(&dropped),
     };

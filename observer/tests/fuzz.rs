@@ -279,7 +279,7 @@ proptest! {
         for closed in &decided {
             prop_assert_eq!(closed.states.last(), Some(TcpState::Close));
             // What /connections and watch print must render.
-            let report = ConnectionReport::new(closed, &Clock::now(), &mut CgroupNames::new());
+            let report = ConnectionReport::new(closed, &Clock::now(), &mut CgroupNames::new(None));
             serde_json::to_string(&report).unwrap();
             let _ = report.line();
         }

@@ -122,6 +122,23 @@ fn missing_packages(programs: &[(&str, &'static str)]) -> Vec<&'static str> {
     missing
 }
 
+/// What `cargo xtask image` and the as-deployed check drive: podman with runc (crun
+/// refuses hybrid cgroups), busybox-static for the client container, openssl for the
+/// test's certificate, curl to scrape it.
+pub fn container_tools() -> anyhow::Result<()> {
+    let missing = missing_packages(&[
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("openssl", "openssl"),
+        ("curl", "curl"),
+    ]);
+    let mut missing = missing;
+    if !package_installed("busybox-static") {
+        missing.push("busybox-static");
+    }
+    Apt::default().install(&missing, "the container image and its checks")
+}
+
 /// What `vm-test` drives on the host: QEMU, busybox for the guest, and the tools that
 /// unpack Debian kernel modules.
 pub fn vm_tools() -> anyhow::Result<()> {

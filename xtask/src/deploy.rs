@@ -6,9 +6,12 @@
 //! * the systemd unit: `systemd-analyze verify` (any warning fails), then the release
 //!   daemon started the way the unit starts it: an unprivileged user holding only the
 //!   unit's capabilities, with no-new-privileges;
+//! * the unit's `systemd-analyze security` exposure score, pinned ([`EXPOSURE`]);
 //! * the Kubernetes manifests: kubernetes-validate --strict against pinned Kubernetes
-//!   versions, the ServiceMonitor against prometheus-operator's CRD schema, and the
-//!   kustomization listing every manifest.
+//!   versions, the ServiceMonitor against prometheus-operator's CRD schema, the
+//!   kustomization listing every manifest, and the DaemonSet's promises (deploy_check.py
+//!   pod-policy: TLS and auth, probes, capabilities, read-only mounts);
+//! * the image, built with podman and run as the DaemonSet runs it ([`crate::deployed`]).
 //!
 //! The dashboard's queries are checked by the integration test `dashboard`, against a
 //! live Prometheus scraping a live daemon.
@@ -45,10 +48,10 @@ pub fn run(bpf_toolchain: &str) -> anyhow::Result<()> {
             .args(["build", "--release", "--package", "observer"])
             .env("OBSERVER_BPF_TOOLCHAIN", bpf_toolchain),
     )?;
-    check(&venv, &target_dir().join("release/observer"))
+    check(&venv, &target_dir().join("release/observer"), bpf_toolchain)
 }
 
-fn check(venv: &Path, binary: &Path) -> anyhow::Result<()> {
+fn check(venv: &Path, binary: &Path, bpf_toolchain: &str) -> anyhow::Result<()> {
     let root = workspace_root();
     let scratch = target_dir().join("deploy-check");
     if scratch.exists() {
@@ -80,6 +83,7 @@ fn check(venv: &Path, binary: &Path) -> anyhow::Result<()> {
     fs::copy(root.join(UNIT), unit_root.join("etc/systemd/system/observer.service"))?;
     fs::copy(binary, unit_root.join("usr/bin/observer"))?;
     verify_unit(&unit_root, "/etc/systemd/system/observer.service")?;
+    exposure(&unit_root)?;
 
     println!(
         "xtask: deploy/systemd: the daemon as the unit runs it (unprivileged user, its capabilities only)"
@@ -88,6 +92,27 @@ fn check(venv: &Path, binary: &Path) -> anyhow::Result<()> {
 
     println!("xtask: deploy/kubernetes: kubernetes-validate, prometheus-operator CRD schema");
     validate_manifests(venv, &kubernetes)?;
+    exec(
+        python(venv)
+            .arg("pod-policy")
+            .arg(kubernetes.join("daemonset.yaml"))
+            .arg(kubernetes.join("servicemonitor.yaml"))
+            .arg(kubernetes.join("prometheus-scrape-config.yml")),
+    )?;
+
+    println!("xtask: deploy/container: the image, run as the DaemonSet runs it (podman)");
+    bootstrap::container_tools()?;
+    let pod_run = python(venv)
+        .arg("pod-run")
+        .arg(kubernetes.join("daemonset.yaml"))
+        .output()
+        .context("deploy_check.py pod-run")?;
+    ensure!(pod_run.status.success(), "deploy_check.py pod-run failed");
+    crate::deployed::check(
+        &String::from_utf8_lossy(&pod_run.stdout),
+        bpf_toolchain,
+        bounding_set()?,
+    )?;
 
     fs::remove_dir_all(&scratch)?;
     Ok(())
@@ -138,6 +163,53 @@ pub fn verify_unit(root: &Path, unit: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The unit's `systemd-analyze security` overall exposure (0 safest … 10), pinned: a
+/// change to the sandbox that moves it, either way, must update this on purpose.
+const EXPOSURE: &str = "3.0";
+
+/// Checks the exposure score of the unit installed below `root` against [`EXPOSURE`].
+fn exposure(root: &Path) -> anyhow::Result<()> {
+    let output = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(format!("--root={}", root.display()))
+        .arg("observer.service")
+        .output()
+        .context("running systemd-analyze security")?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    let score = report
+        .lines()
+        .find_map(|line| line.split_once("Overall exposure level for observer.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .with_context(|| {
+            format!("no exposure level in systemd-analyze security's report:\n{report}")
+        })?;
+    ensure!(
+        score == EXPOSURE,
+        "systemd-analyze security: exposure {score}, pinned at {EXPOSURE}; if the unit's \
+         sandbox changed on purpose, update deploy.rs's EXPOSURE (and docs/security.md)"
+    );
+    println!("xtask: systemd-analyze security: exposure {score} (pinned)");
+    Ok(())
+}
+
+/// This process's capability bounding set (a container running the tests may lack some).
+pub fn bounding_set() -> anyhow::Result<u64> {
+    fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("CapBnd in /proc/self/status")
+}
+
+/// The number (linux/capability.h) of a capability the daemon may use.
+pub fn capability_number(name: &str) -> anyhow::Result<u32> {
+    CAPABILITIES
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, number)| *number)
+        .with_context(|| format!("{name} is not in xtask's capability table"))
+}
+
 /// Capability numbers (linux/capability.h) of the names the unit may use.
 const CAPABILITIES: [(&str, u32); 6] = [
     ("CAP_DAC_READ_SEARCH", 2),
@@ -171,22 +243,14 @@ fn run_with_unit_capabilities(unit_path: &Path, binary: &Path) -> anyhow::Result
     ensure!(unit.lines().any(|l| l == "NoNewPrivileges=yes"), "the unit lacks NoNewPrivileges=yes");
 
     // A capability this (container's) bounding set lacks cannot be handed on: say so.
-    let status = fs::read_to_string("/proc/self/status")?;
-    let our_bounding = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapBnd:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .context("CapBnd in /proc/self/status")?;
+    let our_bounding = bounding_set()?;
     let mut granted = Vec::new();
     for name in &ambient {
-        let (_, number) = CAPABILITIES
-            .iter()
-            .find(|(known, _)| known == name)
-            .with_context(|| format!("{name} is not in xtask's capability table"))?;
+        let number = capability_number(name)?;
         if our_bounding & (1 << number) == 0 {
             println!("xtask: {name} is not in this machine's bounding set; testing without it");
         } else {
-            granted.push((name.as_str(), *number));
+            granted.push((name.as_str(), number));
         }
     }
     let setpriv_list = granted

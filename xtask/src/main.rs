@@ -11,6 +11,7 @@
 //! * `cargo xtask record`: rerun the scenarios, saving their kernel events as fixtures
 //!   for the classifier's replay tests.
 //! * `cargo xtask package`: build and check the Debian package (cargo-deb).
+//! * `cargo xtask image`: build the container image with podman (an OCI archive).
 //! * `cargo xtask bench`: connection churn with no observer, observer, bpftrace and
 //!   libbpf-tools (docs/benchmarks.md); `--pipeline` for the userspace pipeline alone.
 //!
@@ -21,6 +22,8 @@ mod bench;
 mod bootstrap;
 mod command;
 mod deploy;
+mod deployed;
+mod image;
 mod package;
 mod record;
 mod run;
@@ -57,6 +60,9 @@ enum Command {
     Record,
     /// Build the Debian package (cargo-deb): binary, systemd unit, flags file, man page.
     Package,
+    /// Build the container image (deploy/container/Containerfile) with podman and save
+    /// it as an OCI archive under target/image/.
+    Image(image::Options),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
         Command::Soak(options) => soak::run(options),
         Command::VmTest(options) => vm::run(options),
         Command::Package => package::run(),
+        Command::Image(options) => image::run(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -413,7 +413,7 @@ mod tests {
             namespaces,
             recent,
             holders,
-            &mut CgroupNames::new(),
+            &mut CgroupNames::new(None),
             &Clock::now(),
             everything,
         )

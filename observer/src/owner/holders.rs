@@ -2,10 +2,7 @@
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::Path};
 
-use super::{
-    cgroup::cgroup2_root,
-    process::{Comm, Process},
-};
+use super::process::{Comm, Process};
 
 /// Who holds each socket right now, by socket inode, from every process's descriptor
 /// table (`/proc/<pid>/fd/*` → `socket:[inode]`, as `ss -p` finds them).
@@ -13,10 +10,13 @@ use super::{
 /// Used once, at startup, for sockets older than the daemon: their connect() or
 /// accept() happened before we watched. A socket several processes hold (fork, passed
 /// descriptors) is attributed to the one with the lowest pid, the likeliest parent.
-pub fn socket_holders() -> HashMap<u32, Process> {
+///
+/// Cgroup ids come from `/proc/<pid>/cgroup` paths below `cgroup_root`; those paths are
+/// relative to our own cgroup namespace, so in a container with a private one only the
+/// container's own processes get an id (the others' paths climb out with `/..`).
+pub fn socket_holders(cgroup_root: Option<&Path>) -> HashMap<u32, Process> {
     let mut holders: HashMap<u32, Process> = HashMap::new();
     let Ok(processes) = std::fs::read_dir("/proc") else { return holders };
-    let root = cgroup2_root();
     for process in processes.flatten() {
         let Some(pid) = process.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
         else {
@@ -34,7 +34,7 @@ pub fn socket_holders() -> HashMap<u32, Process> {
             else {
                 continue;
             };
-            let owner = owner.get_or_insert_with(|| process_of(pid, root.as_deref()));
+            let owner = owner.get_or_insert_with(|| process_of(pid, cgroup_root));
             let Some(owner) = owner else { break };
             holders
                 .entry(inode)
@@ -56,6 +56,9 @@ fn process_of(pid: u32, cgroup_root: Option<&Path>) -> Option<Process> {
         .and_then(|root| {
             let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
             let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
+            if path.starts_with("/..") {
+                return None;
+            }
             std::fs::metadata(root.join(path.trim_start_matches('/'))).ok()
         })
         .map_or(0, |metadata| metadata.ino());
@@ -75,7 +78,8 @@ mod tests {
             let text = link.to_str().unwrap().to_string();
             text.trim_start_matches("socket:[").trim_end_matches(']').parse::<u32>().unwrap()
         };
-        let holders = socket_holders();
+        let root = super::super::cgroup::hierarchy(None).unwrap();
+        let holders = socket_holders(root.as_deref());
         let holder = holders.get(&inode).expect("our listener's holder");
         assert_eq!(holder.pid, std::process::id());
         let own_comm = std::fs::read_to_string("/proc/self/comm").unwrap();

@@ -136,26 +136,32 @@ fn which(program: &str) -> anyhow::Result<PathBuf> {
     .with_context(|| format!("{program} is not installed"))
 }
 
-/// Builds the daemon and the scenario binary as static executables; returns their paths.
-fn static_binaries(bpf_toolchain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let static_build = |command: &mut std::process::Command| {
-        command
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("OBSERVER_BPF_TOOLCHAIN", bpf_toolchain);
-    };
+fn static_build(command: &mut std::process::Command, bpf_toolchain: &str) {
+    command
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("OBSERVER_BPF_TOOLCHAIN", bpf_toolchain);
+}
+
+/// Builds the release daemon as a static executable (what the guests and the container
+/// image run); returns its path.
+pub fn static_daemon(bpf_toolchain: &str) -> anyhow::Result<PathBuf> {
     let mut build = cargo();
     build.args(["build", "--release", "--package", "observer", "--target", TARGET]);
-    static_build(&mut build);
+    static_build(&mut build, bpf_toolchain);
     crate::command::exec(&mut build)?;
-    let observer = target_dir().join(TARGET).join("release/observer");
+    Ok(target_dir().join(TARGET).join("release/observer"))
+}
 
+/// Builds the daemon and the scenario binary as static executables; returns their paths.
+fn static_binaries(bpf_toolchain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let observer = static_daemon(bpf_toolchain)?;
     let mut tests = cargo();
     tests
         .args(["test", "--release", "--package", "observer-tests", "--no-run", "--target", TARGET])
         .args(["--message-format", "json-render-diagnostics"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    static_build(&mut tests);
+    static_build(&mut tests, bpf_toolchain);
     let output = tests.output().context("building the scenario binary")?;
     if !output.status.success() {
         bail!("building the scenario binary failed");
