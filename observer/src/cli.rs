@@ -124,6 +124,15 @@ pub struct CommonArgs {
     #[arg(long = "path.cgroupfs", value_name = "PATH", global = true)]
     pub cgroupfs: Option<std::path::PathBuf>,
 
+    /// Where the kernel cannot trace inet_accept() returning (no BPF trampolines), name
+    /// the process that accepted each server socket from the accept() system-call
+    /// tracepoints. They tax every system call of every process on the host (getppid()
+    /// 146 → 169 ns on the benchmark machine), so they are off by default: an accepted
+    /// socket is then owned by its listener's owner until a system call of its own
+    /// (close, shutdown) names the process (docs/connections.md).
+    #[arg(long = "bpf.accept-syscall-tracepoints", global = true)]
+    pub accept_syscall_tracepoints: bool,
+
     /// Kernel BTF to read instead of the running kernel's (for tests of a missing or
     /// corrupt BTF; the programs still load into the running kernel).
     #[arg(

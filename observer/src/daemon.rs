@@ -144,10 +144,10 @@ pub async fn run(
             .unwrap_or_default(),
     );
     let startup_sockets = scan::SOCKETS.run(inventory::list_all).await.unwrap_or_default();
-    tracker
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .set_preexisting_owners(owners_by_cookie(&startup_sockets, &startup_holders));
+    tracker.lock().unwrap_or_else(PoisonError::into_inner).set_preexisting_owners(
+        owners_by_cookie(&startup_sockets, &startup_holders),
+        listener_owners(&startup_sockets, &startup_holders),
+    );
     spawn_inventory_refresh(
         Arc::clone(&inventory),
         Arc::clone(&metrics),
@@ -254,6 +254,26 @@ fn owners_by_cookie(
         .iter()
         .flat_map(|namespace| &namespace.sockets)
         .filter_map(|socket| Some((socket.cookie, *holders.get(&socket.inode)?)))
+        .collect()
+}
+
+/// The owners of the listening sockets among `namespaces`, by (namespace, port): what
+/// the sockets they accept start with (see `Tracker::set_preexisting_owners`).
+fn listener_owners(
+    namespaces: &[inventory::NamespaceSockets],
+    holders: &std::collections::HashMap<u32, owner::Process>,
+) -> Vec<((u32, u16), owner::Process)> {
+    namespaces
+        .iter()
+        .flat_map(|namespace| {
+            namespace
+                .sockets
+                .iter()
+                .filter(|socket| socket.state == crate::tcp::TcpState::Listen)
+                .filter_map(|socket| {
+                    Some(((namespace.netns, socket.local.port()), *holders.get(&socket.inode)?))
+                })
+        })
         .collect()
 }
 

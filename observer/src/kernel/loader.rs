@@ -117,6 +117,7 @@ pub fn load(
     layout: &KernelLayout,
     ring_buffer_bytes: Option<u32>,
     btf_path: &std::path::Path,
+    accept_syscall_tracepoints: bool,
 ) -> Result<Attached, Error> {
     raise_memlock_limit();
     let mut task_config = layout.task_config;
@@ -173,7 +174,9 @@ pub fn load(
 
     // The fexit program has no standby twin: every run the kernel skipped is lost.
     let unshadowed: Vec<RawFd> =
-        attach_owner_capture(&mut ebpf, &btf, &accept_format).into_iter().collect();
+        attach_owner_capture(&mut ebpf, &btf, &accept_format, accept_syscall_tracepoints)
+            .into_iter()
+            .collect();
 
     let counters = ebpf
         .take_map(maps::LOST)
@@ -287,12 +290,15 @@ fn accept_record_offset() -> Result<u32, AcceptFormatError> {
 }
 
 /// Attaches what names the owner of an accepted socket: the fexit program on
-/// `inet_accept()` (its descriptor is returned), else the system-call fallback, whose
-/// record offset `accept_format` holds.
+/// `inet_accept()` (its descriptor is returned), else — only if `syscalls_allowed`
+/// (`--bpf.accept-syscall-tracepoints`) — the system-call fallback, whose record offset
+/// `accept_format` holds. Without either, the tracker gives an accepted socket its
+/// listener's owner.
 fn attach_owner_capture(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     accept_format: &Result<u32, AcceptFormatError>,
+    syscalls_allowed: bool,
 ) -> Option<RawFd> {
     let reason = match attach_accept_exit(ebpf, btf) {
         Ok(fd) => {
@@ -301,6 +307,15 @@ fn attach_owner_capture(
         }
         Err(error) => error.one_line(),
     };
+    if !syscalls_allowed {
+        log::info!(
+            "owners of accepted sockets: their listener's owner, until a system call on the \
+             socket names its process (cannot trace {ACCEPT_FUNCTION}() returning: {reason}; \
+             --bpf.accept-syscall-tracepoints names the accepting process at a cost to every \
+             system call on the host)"
+        );
+        return None;
+    }
     log::info!(
         "owners of accepted sockets: from the accept() system-call tracepoints, which make \
          every system call on the host slower (cannot trace {ACCEPT_FUNCTION}() returning: \

@@ -21,7 +21,12 @@ pub fn attach(
     if !layout.missing.is_empty() {
         log::warn!("this kernel lacks {}; those fields read as 0", layout.missing.join(", "));
     }
-    let attached = loader::load(&layout, common.ring_buffer_bytes, &common.btf_path)?;
+    let attached = loader::load(
+        &layout,
+        common.ring_buffer_bytes,
+        &common.btf_path,
+        common.accept_syscall_tracepoints,
+    )?;
     privileges::drop_unneeded();
     memory::release_freed_heap();
     Ok((layout, attached))

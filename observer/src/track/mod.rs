@@ -30,7 +30,7 @@ pub mod compact;
 mod tracked;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     num::{NonZeroU64, NonZeroUsize},
     sync::Arc,
@@ -137,6 +137,13 @@ pub struct Tracker {
     /// scan), taken when such a socket is first seen. Idle ones may never be: shared
     /// like the tracked sockets' owners, they cost a word each.
     preexisting_owners: std::collections::HashMap<u64, Arc<Process>>,
+    /// The owner of each listening port, by (network namespace, port): the owner an
+    /// accepted socket starts with. Where accept() is traced (a trampoline, or the
+    /// opt-in system-call tracepoints) the accepting process replaces it; elsewhere it
+    /// stands until a system call on the socket itself (close, shutdown) names one. The
+    /// socket is `None` for listeners older than the daemon (known from the startup
+    /// descriptor scan, not by address). With SO_REUSEPORT, the last listener seen.
+    listener_owners: HashMap<(u32, u16), (Option<SocketId>, Arc<Process>)>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
     stats: TrackerStats,
@@ -149,15 +156,25 @@ impl Tracker {
             capacity,
             owners: Owners::default(),
             preexisting_owners: std::collections::HashMap::new(),
+            listener_owners: HashMap::new(),
             closing: VecDeque::new(),
             stats: TrackerStats::default(),
         }
     }
 
-    /// Owners of the sockets that existed when the daemon started, by cookie.
-    pub fn set_preexisting_owners(&mut self, owners: std::collections::HashMap<u64, Process>) {
+    /// Owners of the sockets that existed when the daemon started, by cookie, and of the
+    /// listening ports among them, by (network namespace, port).
+    pub fn set_preexisting_owners(
+        &mut self,
+        owners: std::collections::HashMap<u64, Process>,
+        listeners: impl IntoIterator<Item = ((u32, u16), Process)>,
+    ) {
         self.preexisting_owners =
             owners.into_iter().map(|(cookie, owner)| (cookie, self.owners.share(owner))).collect();
+        for (port, owner) in listeners {
+            let owner = self.owners.share(owner);
+            self.listener_owners.entry(port).or_insert((None, owner));
+        }
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -292,6 +309,12 @@ impl Tracker {
             let opened = NonZeroU64::new(change.timestamp_ns.max(1));
             let mut tracked = Tracked::new(role, opened, change);
             tracked.state = change.old;
+            if role == Some(Role::Server) {
+                tracked.owner = self
+                    .listener_owners
+                    .get(&(change.netns, change.local.port()))
+                    .map(|(_, owner)| Arc::clone(owner));
+            }
             self.insert(change.socket, tracked, decided);
         } else if self.sockets.peek(&change.socket).is_none_or(|t| t.is_closed()) {
             if change.old == change.new || change.old == TcpState::Close {
@@ -314,6 +337,20 @@ impl Tracker {
             && tracked.owner.as_deref() != Some(&owner)
         {
             tracked.owner = Some(self.owners.share(owner));
+        }
+        let listening_port = (change.netns, change.local.port());
+        if change.new == TcpState::Listen
+            && let Some(owner) = &tracked.owner
+        {
+            self.listener_owners.insert(listening_port, (Some(change.socket), Arc::clone(owner)));
+        } else if change.old == TcpState::Listen
+            && change.new == TcpState::Close
+            && self
+                .listener_owners
+                .get(&listening_port)
+                .is_some_and(|(socket, _)| socket.is_none_or(|socket| socket == change.socket))
+        {
+            self.listener_owners.remove(&listening_port);
         }
         if change.old == change.new {
             return Effect::None;

@@ -200,9 +200,73 @@ fn sockets_older_than_the_daemon_get_their_startup_owner() {
     use TcpState::*;
     let mut t = tracker(16);
     let owner = Process { pid: 77, tid: 77, comm: "psql".into(), cgroup_id: 0 };
-    t.set_preexisting_owners([(7, owner)].into_iter().collect());
+    t.set_preexisting_owners([(7, owner)].into_iter().collect(), []);
     let received_reset = Snapshot { sk_err: 104, ..Snapshot::default() };
     let mut decided = feed(&mut t, &[change(SOCK, 1, Established, Close, received_reset)]);
+    t.flush(&mut decided);
+    assert_eq!(decided.len(), 1);
+    assert_eq!(decided[0].owner, Some(owner));
+}
+
+/// Where accept() is not traced, an accepted socket is its listener's owner's until a
+/// system call on it names another process; a closed listener hands nothing on.
+#[test]
+fn an_accepted_socket_starts_with_its_listeners_owner() {
+    use TcpState::*;
+    const LISTENER: SocketId = SOCK + 0x100;
+    const LATER: SocketId = SOCK + 0x200;
+    let server = Process { pid: 10, tid: 10, comm: "nginx".into(), cgroup_id: 0 };
+    let closer = Process { pid: 11, tid: 11, comm: "worker".into(), cgroup_id: 0 };
+    let with_owner = |event: SocketEvent, owner: Option<Process>| match event {
+        SocketEvent::State(change) => SocketEvent::State(StateChange { owner, ..change }),
+        other => other,
+    };
+    let received_reset = Snapshot { sk_err: 104, ..Snapshot::default() };
+    let mut t = tracker(16);
+    let mut decided = feed(
+        &mut t,
+        &[
+            with_owner(change(LISTENER, 1, Close, Listen, Snapshot::default()), Some(server)),
+            // Reset by the peer in softirq: no system call of its own ever named it.
+            change(SOCK, 2, Listen, SynRecv, Snapshot::default()),
+            change(SOCK, 3, SynRecv, Established, Snapshot::default()),
+            change(SOCK, 4, Established, Close, received_reset),
+            // Closed by a process of its own: that one is the owner.
+            change(SOCK + 1, 5, Listen, SynRecv, Snapshot::default()),
+            change(SOCK + 1, 6, SynRecv, Established, Snapshot::default()),
+            with_owner(
+                change(SOCK + 1, 7, Established, FinWait1, Snapshot::default()),
+                Some(closer),
+            ),
+            change(SOCK + 1, 8, FinWait1, Close, linger_zero()),
+            // The listener closes; a later child on its port has no owner to start with.
+            change(LISTENER, 9, Listen, Close, Snapshot::default()),
+            change(LATER, 10, Listen, SynRecv, Snapshot::default()),
+            change(LATER, 11, SynRecv, Established, Snapshot::default()),
+            change(LATER, 12, Established, Close, received_reset),
+        ],
+    );
+    t.flush(&mut decided);
+    let owner_of = |socket_cookie_order: usize| decided[socket_cookie_order].owner.map(|p| p.pid);
+    assert_eq!(decided.len(), 3, "{decided:#?}");
+    assert_eq!([owner_of(0), owner_of(1), owner_of(2)], [Some(10), Some(11), None]);
+}
+
+/// A listener older than the daemon (its owner from the startup scan) hands its owner on.
+#[test]
+fn a_listener_older_than_the_daemon_hands_its_owner_on() {
+    use TcpState::*;
+    let owner = Process { pid: 20, tid: 20, comm: "postgres".into(), cgroup_id: 0 };
+    let mut t = tracker(16);
+    t.set_preexisting_owners(HashMap::new(), [((1, 40000), owner)]);
+    let mut decided = feed(
+        &mut t,
+        &[
+            change(SOCK, 1, Listen, SynRecv, Snapshot::default()),
+            change(SOCK, 2, SynRecv, Established, Snapshot::default()),
+            change(SOCK, 3, Established, Close, Snapshot { sk_err: 104, ..Snapshot::default() }),
+        ],
+    );
     t.flush(&mut decided);
     assert_eq!(decided.len(), 1);
     assert_eq!(decided[0].owner, Some(owner));

@@ -1,7 +1,8 @@
 //! Connection-churn load generator for `cargo xtask bench` (docs/benchmarks.md).
 //!
-//! Every worker thread opens and ends loopback TCP connections as fast as it can for a
-//! fixed time, cycling through a weighted mix of endings:
+//! Every worker thread opens and ends loopback TCP connections as fast as it can (or,
+//! with `--rate N`, paced to N connections per second in total) for a fixed time,
+//! cycling through a weighted mix of endings:
 //!
 //! * `fin`: connect, accept, the client closes (FIN), the server reads EOF and closes;
 //! * `rst`: the same with SO_LINGER {1, 0} on the client, whose close() sends an RST;
@@ -14,7 +15,9 @@
 //! holder processes of 9000 connections each: one process may have few descriptors);
 //! `--idle N --idle-only` just holds them until stdin closes.
 //!
-//! The result is one JSON object on stdout. Run it in a network namespace of its own
+//! The result is one JSON object on stdout, with the whole host's busy CPU time over
+//! the churn window (from /proc/stat), which the bench divides by the connections. Run
+//! it in a network namespace of its own
 //! (the bench does): it uses the whole ephemeral port range of that namespace.
 
 use std::{
@@ -33,7 +36,10 @@ use serde::Serialize;
 use socket2::{Domain, SockRef, Socket, Type};
 
 #[derive(Debug, Parser)]
-#[command(name = "churn", about = "Open and end loopback TCP connections as fast as possible")]
+#[command(
+    name = "churn",
+    about = "Open and end loopback TCP connections as fast as possible, or at a fixed rate"
+)]
 struct Options {
     /// How long to churn, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -41,6 +47,10 @@ struct Options {
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Connections per second, in total over the threads, paced (default: as many as
+    /// possible). A generator that cannot keep up shows it in the achieved rate.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    rate: Option<u64>,
     /// Weights of the endings, e.g. fin=2,rst=1,refused=1.
     #[arg(long, default_value = "fin=1,rst=1,refused=1", value_parser = parse_mix)]
     mix: Mix,
@@ -157,6 +167,11 @@ struct Report {
     seconds: f64,
     connections: Counts,
     connections_per_second: f64,
+    /// The asked rate (--rate), if paced.
+    rate: Option<u64>,
+    /// Busy CPU seconds of the whole host, all CPUs, over the churn window (None
+    /// without a readable /proc/stat).
+    host_cpu_seconds: Option<f64>,
     /// Attempts that did not go as the kind prescribes (no transitions expected from
     /// them in general; the bench reports them).
     failed: Counts,
@@ -188,8 +203,14 @@ impl Worker {
             .ok_or_else(|| std::io::Error::other("refusing socket has no port"))
     }
 
-    /// Churns until `stop`; returns the completed and the failed connections.
-    fn run(&self, mix: Mix, stop: &AtomicBool) -> (Counts, Counts, Option<String>) {
+    /// Churns until `stop`, paced by `pace` if given; returns the completed and the
+    /// failed connections.
+    fn run(
+        &self,
+        mix: Mix,
+        pace: Option<Pace>,
+        stop: &AtomicBool,
+    ) -> (Counts, Counts, Option<String>) {
         let fin = addresses(&self.fin);
         let rst = addresses(&self.rst);
         let refused = match self.refusing_port() {
@@ -200,7 +221,15 @@ impl Worker {
         let mut failed = Counts::default();
         let mut first_error = None;
         let mut i: u32 = 0;
+        let mut attempts: u64 = 0;
         while !stop.load(Ordering::Relaxed) {
+            if let Some(pace) = &pace {
+                pace.wait(attempts, stop);
+                attempts += 1;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
             let kind = mix.kind(i);
             let turn = (i / mix.total()) as usize;
             i = i.wrapping_add(1);
@@ -225,6 +254,64 @@ impl Worker {
         }
         (done, failed, first_error)
     }
+}
+
+/// One worker's schedule at a fixed rate: its attempt `n` is due at
+/// `start + (n + phase) × interval`, the workers' phases spread over one interval so
+/// that they do not all connect at the same instant. The schedule is absolute: a
+/// worker that wakes late (sleep overshoots, a busy host) catches up at once, so the
+/// achieved rate is the asked one unless the generator cannot keep up at all.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    start: Instant,
+    /// Seconds between one worker's attempts.
+    interval: f64,
+    /// Fraction of an interval this worker is offset by.
+    phase: f64,
+}
+
+impl Pace {
+    /// `worker`'s share of `rate` connections per second over `workers` workers.
+    fn new(start: Instant, rate: u64, worker: usize, workers: usize) -> Self {
+        Self {
+            start,
+            interval: workers as f64 / rate as f64,
+            phase: worker as f64 / workers as f64,
+        }
+    }
+
+    /// Sleeps until attempt `n` is due (at most 10 ms at a time, so that `stop` is
+    /// seen promptly even at low rates).
+    fn wait(&self, n: u64, stop: &AtomicBool) {
+        let due = self.start + Duration::from_secs_f64((n as f64 + self.phase) * self.interval);
+        loop {
+            let now = Instant::now();
+            if now >= due || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(10)));
+        }
+    }
+}
+
+/// Busy CPU time of the whole host so far, in seconds over all CPUs: every tick of
+/// /proc/stat's `cpu` line except idle and iowait (user, nice, system, irq, softirq,
+/// steal; guest time is already inside user and nice). Host-wide, so softirq work and
+/// other processes' wake-ups that the load causes are counted too.
+fn host_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    const BUSY: [usize; 6] = [0, 1, 2, 5, 6, 7];
+    let busy: u64 = BUSY.iter().map(|&i| ticks.get(i).copied().unwrap_or(0)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| busy as f64 / per_second as f64)
 }
 
 fn loopback(port: u16) -> SocketAddrV4 {
@@ -357,7 +444,7 @@ impl Drop for Holders {
 }
 
 fn run(options: Options) -> Result<(Report, Holders), String> {
-    let Options { duration, threads, mix, ports, idle, .. } = options;
+    let Options { duration, threads, rate, mix, ports, idle, .. } = options;
     let threads = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
         .max(1);
@@ -374,13 +461,16 @@ fn run(options: Options) -> Result<(Report, Holders), String> {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    let busy_before = host_busy_seconds();
     let started = Instant::now();
     let results = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .iter()
-            .map(|worker| {
+            .enumerate()
+            .map(|(n, worker)| {
                 let stop = &stop;
-                scope.spawn(move || worker.run(mix, stop))
+                let pace = rate.map(|rate| Pace::new(started, rate, n, threads));
+                scope.spawn(move || worker.run(mix, pace, stop))
             })
             .collect();
         std::thread::sleep(duration);
@@ -388,6 +478,10 @@ fn run(options: Options) -> Result<(Report, Holders), String> {
         handles.into_iter().map(|handle| handle.join()).collect::<Vec<_>>()
     });
     let seconds = started.elapsed().as_secs_f64();
+    let host_cpu_seconds = match (busy_before, host_busy_seconds()) {
+        (Some(before), Some(after)) => Some((after - before).max(0.0)),
+        _ => None,
+    };
     let mut connections = Counts::default();
     let mut failed = Counts::default();
     let mut first_error = None;
@@ -402,6 +496,8 @@ fn run(options: Options) -> Result<(Report, Holders), String> {
         seconds,
         connections,
         connections_per_second: connections.total() as f64 / seconds,
+        rate,
+        host_cpu_seconds,
         failed,
         idle,
         ports: report_ports,
@@ -481,6 +577,28 @@ mod tests {
         assert!(report.connections.fin > 0 && report.connections.rst > 0);
         assert!(report.connections.refused > 0);
         assert_eq!(report.ports.fin.len(), 2);
+    }
+
+    /// A paced run makes the asked rate, no more, and reads the host's CPU time.
+    #[test]
+    fn a_paced_run_keeps_its_rate() {
+        let options = Options::try_parse_from([
+            "churn",
+            "--duration",
+            "500ms",
+            "--threads",
+            "2",
+            "--ports",
+            "1",
+            "--rate",
+            "400",
+        ])
+        .unwrap();
+        let (report, _holders) = run(options).unwrap();
+        assert_eq!(report.failed.total(), 0, "{:?}", report.first_error);
+        let made = report.connections.total();
+        assert!((190..=212).contains(&made), "{made} connections in 0.5 s at 400/s");
+        assert!(report.host_cpu_seconds.is_some());
     }
 
     /// Idle connections are both ends of an established connection (the holder

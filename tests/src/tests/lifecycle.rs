@@ -79,11 +79,12 @@ fn start(name: &str, extra: &[String]) -> (Daemon, BpfObjects) {
     let objects = BpfObjects::held_by(daemon.pid);
     // Six tp_btf programs (three tracepoints, primary and standby), each attached by a
     // link, and what names the owner of an accepted socket: one fexit program on
-    // inet_accept() (a link) where the kernel has BPF trampolines, else the two accept()
-    // exit programs where tracefs is mounted (attached by a link from 5.15, by a perf
-    // event before).
+    // inet_accept() (a link) where the kernel has BPF trampolines; else nothing, or with
+    // --bpf.accept-syscall-tracepoints the two accept() exit programs where tracefs is
+    // mounted (attached by a link from 5.15, by a perf event before).
     let accept_programs = objects.programs.len().saturating_sub(6);
-    let accept_choices: &[usize] = if tracefs_mounted() { &[1, 2] } else { &[1, 0] };
+    let syscalls = extra.iter().any(|flag| flag == "--bpf.accept-syscall-tracepoints");
+    let accept_choices: &[usize] = if syscalls && tracefs_mounted() { &[1, 2] } else { &[1, 0] };
     assert!(accept_choices.contains(&accept_programs), "{objects:?}");
     assert!((6..=6 + accept_programs).contains(&objects.links.len()), "{objects:?}");
     // A ring buffer per possible CPU, the array that lists them, LOST and RECORDED (the

@@ -145,14 +145,42 @@ fn optional_labels_name_the_process_and_namespace() {
 }
 
 /// A server-side socket the kernel closes on its own (the peer's RST, handled in
-/// softirq) is owned by the process that accepted it: only the accept() capture (a
-/// trampoline on inet_accept(), or the accept() system-call tracepoints) can tell.
+/// softirq) is owned by the process that accepted it: the accept() capture (a trampoline
+/// on inet_accept()) tells, or, on kernels without trampolines, its listener's owner —
+/// the same process here.
 #[test]
 fn a_reset_accepted_socket_names_the_process_that_accepted_it() {
-    const ACCEPTED_PORT: u16 = 7605;
+    reset_accepted_socket(daemon(), 7605, Listener::InTheAcceptor);
+}
+
+/// With the opt-in accept() system-call tracepoints, the process that accepted a socket
+/// is named even where inet_accept() cannot be traced and another process listened:
+/// here the listener is this test's, handed to the acceptor by fork().
+#[test]
+fn a_reset_accepted_socket_names_its_acceptor_with_the_accept_syscall_tracepoints() {
+    let traced = crate::daemon::Daemon::start(
+        "accept-syscalls",
+        &["--bpf.accept-syscall-tracepoints".into()],
+    );
+    reset_accepted_socket(&traced, 7606, Listener::HandedOver);
+    traced.stop();
+}
+
+/// Who calls listen(): the accepting process itself, or this one before it forks it.
+enum Listener {
+    InTheAcceptor,
+    HandedOver,
+}
+
+fn reset_accepted_socket(daemon: &crate::daemon::Daemon, port: u16, listener: Listener) {
     let pair = Pair::new();
-    let mut server = Actor::spawn("obs-acceptor", &pair.server, |cue| {
-        let listener = TcpListener::bind((SERVER_V4, ACCEPTED_PORT)).expect("bind");
+    let handed_over = match listener {
+        Listener::HandedOver => Some(pair.listen(port)),
+        Listener::InTheAcceptor => None,
+    };
+    let mut server = Actor::spawn("obs-acceptor", &pair.server, move |cue| {
+        let listener =
+            handed_over.unwrap_or_else(|| TcpListener::bind((SERVER_V4, port)).expect("bind"));
         cue.ready();
         let (accepted, _) = listener.accept().expect("accept");
         cue.ready();
@@ -162,7 +190,7 @@ fn a_reset_accepted_socket_names_the_process_that_accepted_it() {
     });
     server.until_ready();
     let mut client = Actor::spawn("obs-resetter", &pair.client, |cue| {
-        let stream = TcpStream::connect((SERVER_V4, ACCEPTED_PORT)).expect("connect");
+        let stream = TcpStream::connect((SERVER_V4, port)).expect("connect");
         cue.ready();
         cue.wait();
         sock::set_linger_zero(&stream);
@@ -172,7 +200,7 @@ fn a_reset_accepted_socket_names_the_process_that_accepted_it() {
     server.until_ready();
     client.go();
     client.join();
-    let server_side = daemon().verdicts(&pair.server, 1);
+    let server_side = daemon.verdicts(&pair.server, 1);
     assert_eq!(sorted_verdicts(&server_side, "server"), [("rst", "received")]);
     assert_owner(&server_side[0], server.pid, "obs-acceptor", &pair.server);
     server.go();
