@@ -153,6 +153,12 @@ pub struct CommonArgs {
     /// hooks alone cost (`cargo xtask bench`'s "observer-hooks" row).
     #[arg(long = "debug.empty-programs", hide = true, global = true)]
     pub empty_programs: bool,
+
+    /// Attach only each tracepoint's primary program, not its standby twin: what the
+    /// twins cost (`cargo xtask bench --daemon-arg=--debug.no-standby`). Nested runs the
+    /// kernel skips are then counted as lost rather than recorded.
+    #[arg(long = "debug.no-standby", hide = true, global = true)]
+    pub no_standby: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -113,12 +113,21 @@ pub fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"))
 }
 
-pub fn load(
-    layout: &KernelLayout,
-    ring_buffer_bytes: Option<u32>,
-    btf_path: &std::path::Path,
-    accept_syscall_tracepoints: bool,
-) -> Result<Attached, Error> {
+/// What [`load`] takes from the command line.
+pub struct Options<'a> {
+    /// `--bpf.ring-buffer-bytes`; `None`: [`default_ring_bytes`].
+    pub ring_buffer_bytes: Option<u32>,
+    pub btf_path: &'a std::path::Path,
+    /// `--bpf.accept-syscall-tracepoints`.
+    pub accept_syscall_tracepoints: bool,
+    /// Attach each tracepoint's standby twin (off only with `--debug.no-standby`, to
+    /// measure what the twins cost).
+    pub standby_programs: bool,
+}
+
+pub fn load(layout: &KernelLayout, options: &Options) -> Result<Attached, Error> {
+    let Options { ring_buffer_bytes, btf_path, accept_syscall_tracepoints, standby_programs } =
+        *options;
     raise_memlock_limit();
     let mut task_config = layout.task_config;
     // Read before the load (the offset is patched into the programs), needed only if
@@ -150,6 +159,9 @@ pub fn load(
         for pair in tracepoint.programs {
             let attached =
                 load_program(&mut ebpf, pair.primary, tracepoint.name, &btf).and_then(|fd| {
+                    if !standby_programs {
+                        return Ok(fd);
+                    }
                     load_program(&mut ebpf, pair.standby, tracepoint.name, &btf).map(|_| fd)
                 });
             match attached {

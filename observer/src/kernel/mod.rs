@@ -23,9 +23,12 @@ pub fn attach(
     }
     let attached = loader::load(
         &layout,
-        common.ring_buffer_bytes,
-        &common.btf_path,
-        common.accept_syscall_tracepoints,
+        &loader::Options {
+            ring_buffer_bytes: common.ring_buffer_bytes,
+            btf_path: &common.btf_path,
+            accept_syscall_tracepoints: common.accept_syscall_tracepoints,
+            standby_programs: !common.no_standby,
+        },
     )?;
     privileges::drop_unneeded();
     memory::release_freed_heap();
