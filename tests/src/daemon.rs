@@ -253,7 +253,10 @@ impl Daemon {
         const PAGE: usize = 10_000;
         let mut all: Vec<Connection> = Vec::new();
         loop {
-            let after = all.last().map_or(namespace.first_seq, |last| last.seq);
+            // A namespace's first_seq is the shared daemon's numbering; a daemon of its
+            // own numbers from 1, and the namespace's inode tells its verdicts apart.
+            let first = if std::ptr::eq(self, daemon()) { namespace.first_seq } else { 0 };
+            let after = all.last().map_or(first, |last| last.seq);
             let body = self.get(&format!(
                 "/connections?status=closed&netns={}&after={after}&limit={PAGE}",
                 namespace.inode(),

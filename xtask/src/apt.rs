@@ -20,7 +20,22 @@ pub struct PrivateApt {
 }
 
 impl PrivateApt {
+    /// A stable suite (bullseye, bookworm, trixie): the suite, its updates and security.
     pub fn new(dir: &Path, suite: &str) -> anyhow::Result<Self> {
+        let security = format!("{suite}-security");
+        Self::with_dists(
+            dir,
+            &[
+                ("http://deb.debian.org/debian", suite),
+                ("http://deb.debian.org/debian", &format!("{suite}-updates")),
+                ("http://security.debian.org/debian-security", &security),
+            ],
+        )
+    }
+
+    /// Exactly these (archive, distribution) pairs: `sid` alone, or `experimental`
+    /// alone (its packages then are the only candidates).
+    pub fn with_dists(dir: &Path, dists: &[(&str, &str)]) -> anyhow::Result<Self> {
         if !Path::new(KEYRING).exists() {
             bail!("{KEYRING} is missing (Debian package debian-archive-keyring)");
         }
@@ -30,15 +45,7 @@ impl PrivateApt {
         fs::create_dir_all(cache.join("archives/partial"))?;
         let sources = dir.join("apt/sources.list");
         let line = |url: &str, dist: &str| format!("deb [signed-by={KEYRING}] {url} {dist} main\n");
-        fs::write(
-            &sources,
-            [
-                line("http://deb.debian.org/debian", suite),
-                line("http://deb.debian.org/debian", &format!("{suite}-updates")),
-                line("http://security.debian.org/debian-security", &format!("{suite}-security")),
-            ]
-            .concat(),
-        )?;
+        fs::write(&sources, dists.iter().map(|(url, dist)| line(url, dist)).collect::<String>())?;
         let options = [
             format!("Dir::Etc::SourceList={}", sources.display()),
             "Dir::Etc::SourceParts=/dev/null".to_string(),

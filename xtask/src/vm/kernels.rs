@@ -23,9 +23,20 @@ pub struct GuestKernel {
     pub release: Option<String>,
 }
 
-/// The Debian suites whose kernels we test, by kernel version.
-pub const SUITES: [(&str, &str); 3] =
-    [("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+/// The Debian suites whose kernels we test, by kernel version: the three stable ones,
+/// unstable's (the newest release) and experimental's (a release candidate, when there is
+/// one). Unstable and experimental move: a version here names whatever kernel the suite
+/// carries today, and the log says which release that was.
+pub const SUITES: [(&str, &str); 5] = [
+    ("5.10", "bullseye"),
+    ("6.1", "bookworm"),
+    ("6.12", "trixie"),
+    ("7.2", "sid"),
+    ("7.3", "experimental"),
+];
+
+/// What `--kernel` accepts, for messages.
+const ACCEPTED: &str = "5.10, 6.1, 6.12, 7.2, 7.3, all, or a path to a vmlinuz";
 
 /// Resolves `--kernel` (a version from [`SUITES`], `all`, or a path to a vmlinuz).
 pub fn resolve(list: &str, cache: &Path) -> anyhow::Result<Vec<GuestKernel>> {
@@ -42,7 +53,7 @@ pub fn resolve(list: &str, cache: &Path) -> anyhow::Result<Vec<GuestKernel>> {
         }
     }
     if kernels.is_empty() {
-        bail!("--kernel: nothing to test; give 5.10, 6.1, 6.12, all, or a path to a vmlinuz");
+        bail!("--kernel: nothing to test; give {ACCEPTED}");
     }
     Ok(kernels)
 }
@@ -51,20 +62,22 @@ pub fn resolve(list: &str, cache: &Path) -> anyhow::Result<Vec<GuestKernel>> {
 /// `../usr/lib/modules/*`) beside it, the layout of an unpacked Debian package, if present.
 fn from_path(path: &Path) -> anyhow::Result<GuestKernel> {
     if !path.is_file() {
-        bail!(
-            "--kernel {}: no such file (expected 5.10, 6.1, 6.12, all, or a vmlinuz)",
-            path.display()
-        );
+        bail!("--kernel {}: no such file (expected {ACCEPTED})", path.display());
     }
     check_bzimage(path)?;
+    // Newer packages put the image among its modules (usr/lib/modules/<release>/vmlinuz).
+    let beside =
+        path.parent().filter(|dir| dir.join("modules.order").is_file()).map(Path::to_path_buf);
     let root = path.parent().and_then(Path::parent);
-    let modules = ["lib/modules", "usr/lib/modules"]
-        .iter()
-        .filter_map(|dir| root.map(|root| root.join(dir)))
-        .filter_map(|dir| fs::read_dir(dir).ok())
-        .find_map(|mut entries| entries.next())
-        .and_then(|entry| entry.ok())
-        .map(|entry| entry.path());
+    let modules = beside.or_else(|| {
+        ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .filter_map(|dir| root.map(|root| root.join(dir)))
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .find_map(|mut entries| entries.next())
+            .and_then(|entry| entry.ok())
+            .map(|entry| entry.path())
+    });
     Ok(GuestKernel {
         label: path.display().to_string(),
         vmlinuz: path.to_path_buf(),
@@ -92,45 +105,80 @@ fn debian(version: &str, suite: &str, cache: &Path) -> anyhow::Result<GuestKerne
         );
         return Ok(kernel);
     }
-    let apt = PrivateApt::new(&dir, suite)?;
+    let apt = match suite {
+        "sid" | "experimental" => {
+            PrivateApt::with_dists(&dir, &[("http://deb.debian.org/debian", suite)])?
+        }
+        _ => PrivateApt::new(&dir, suite)?,
+    };
     println!("vm-test: {version}: fetching Debian {suite}'s cloud kernel with apt");
     apt.apt_get(&["update", "-qq"])?;
-    // The metapackage names the current kernel package.
+    // The metapackage names the current kernel package, linux-image-<release>.
     let depends = apt.apt_cache(&["depends", "linux-image-cloud-amd64"])?;
-    let package = depends
+    let image = depends
         .lines()
         .filter_map(|line| line.trim().strip_prefix("Depends: "))
         .find(|name| name.starts_with("linux-image-"))
         .with_context(|| format!("no kernel package in {suite}: {depends}"))?
         .to_string();
-    let deb = apt.download(&package, &dir.join("debs"))?;
+    let release = image.trim_start_matches("linux-image-").to_string();
     let staging = dir.join("root.partial");
     let _ = fs::remove_dir_all(&staging);
-    exec(Command::new("dpkg").arg("-x").arg(&deb).arg(&staging))?;
+    unpack(&apt, &image, &dir, &staging)?;
+    if unpacked_kernel(version, &staging)?.is_none() {
+        // Since 7.x (unstable): linux-image-<release> holds no image; linux-binary-<release>
+        // has usr/lib/modules/<release>/vmlinuz, linux-modules-<release> the modules.
+        for package in [format!("linux-binary-{release}"), format!("linux-modules-{release}")] {
+            unpack(&apt, &package, &dir, &staging).with_context(|| {
+                format!(
+                    "Debian {suite}: {image} holds no boot/vmlinuz-*, and {package} (the \
+                     newer layout) could not be fetched; the suite's packaging changed again?"
+                )
+            })?;
+        }
+    }
+    unpacked_kernel(version, &staging)?.with_context(|| {
+        format!(
+            "Debian {suite}: neither {image} (boot/vmlinuz-*) nor linux-binary-{release} \
+             (usr/lib/modules/{release}/vmlinuz) holds a kernel image"
+        )
+    })?;
     fs::rename(&staging, &unpacked)?;
-    fs::remove_file(&deb)?;
-    unpacked_kernel(version, &unpacked)?
-        .with_context(|| format!("{package} holds no boot/vmlinuz-*"))
+    unpacked_kernel(version, &unpacked)?.context("the unpacked kernel moved")
 }
 
+/// Downloads `package` and unpacks it into `root` (`dpkg -x`), deleting the .deb.
+fn unpack(apt: &PrivateApt, package: &str, dir: &Path, root: &Path) -> anyhow::Result<()> {
+    let deb = apt.download(package, &dir.join("debs"))?;
+    exec(Command::new("dpkg").arg("-x").arg(&deb).arg(root))?;
+    fs::remove_file(&deb)?;
+    Ok(())
+}
+
+/// The kernel unpacked below `root`: `boot/vmlinuz-<release>` with its modules under
+/// (usr/)lib/modules/<release>, or `usr/lib/modules/<release>/vmlinuz` (7.x packages).
 fn unpacked_kernel(version: &str, root: &Path) -> anyhow::Result<Option<GuestKernel>> {
-    let Ok(entries) = fs::read_dir(root.join("boot")) else { return Ok(None) };
-    let Some(vmlinuz) = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-    else {
-        return Ok(None);
-    };
-    let release = vmlinuz
-        .file_name()
-        .and_then(|name| name.to_string_lossy().strip_prefix("vmlinuz-").map(str::to_string));
-    // Merged-/usr packages (trixie on) ship modules under usr/lib/modules.
-    let modules = release.as_ref().and_then(|release| {
-        ["lib/modules", "usr/lib/modules"]
-            .iter()
-            .map(|dir| root.join(dir).join(release))
-            .find(|dir| dir.is_dir())
+    let in_boot = fs::read_dir(root.join("boot")).ok().and_then(|entries| {
+        entries.filter_map(Result::ok).map(|entry| entry.path()).find_map(|path| {
+            let release = path.file_name()?.to_string_lossy().strip_prefix("vmlinuz-")?.to_string();
+            Some((path, release))
+        })
     });
-    Ok(Some(GuestKernel { label: version.to_string(), vmlinuz, modules, release }))
+    let in_modules = || {
+        fs::read_dir(root.join("usr/lib/modules")).ok().and_then(|entries| {
+            entries.filter_map(Result::ok).find_map(|entry| {
+                let vmlinuz = entry.path().join("vmlinuz");
+                vmlinuz
+                    .is_file()
+                    .then(|| (vmlinuz, entry.file_name().to_string_lossy().into_owned()))
+            })
+        })
+    };
+    let Some((vmlinuz, release)) = in_boot.or_else(in_modules) else { return Ok(None) };
+    // Merged-/usr packages (trixie on) ship modules under usr/lib/modules.
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|dir| root.join(dir).join(&release))
+        .find(|dir| dir.join("modules.order").is_file() || dir.join("kernel").is_dir());
+    Ok(Some(GuestKernel { label: version.to_string(), vmlinuz, modules, release: Some(release) }))
 }

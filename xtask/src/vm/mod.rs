@@ -1,5 +1,6 @@
 //! `cargo xtask vm-test [--kernel LIST]`: the integration scenarios inside QEMU guests
-//! running other kernels (Debian 11's 5.10, 12's 6.1, 13's 6.12, or any vmlinuz).
+//! running other kernels (Debian 11's 5.10, 12's 6.1, 13's 6.12, unstable's 7.2,
+//! experimental's 7.3, or any vmlinuz).
 //!
 //! The plan, per run:
 //! 1. resolve the kernels: fetch each Debian cloud kernel with a private apt
@@ -30,8 +31,9 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernels to boot, comma-separated: 5.10, 6.1, 6.12, all (those three), or a path to
-    /// a vmlinuz.
+    /// Kernels to boot, comma-separated: 5.10, 6.1, 6.12 (Debian's stable suites), 7.2
+    /// (unstable's kernel), 7.3 (experimental's), all (those five), or a path to a
+    /// vmlinuz (`boot/vmlinuz-*` or `usr/lib/modules/*/vmlinuz` of an unpacked package).
     #[arg(long, value_name = "LIST", default_value = "all")]
     kernel: String,
     /// Give up on a guest after this many minutes.
@@ -58,6 +60,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let cache = target_dir().join("vm");
     // Resolve first: a wrong --kernel fails before anything is built.
     let kernels = kernels::resolve(&kernel, &cache)?;
+    // A kernel given by path downloads nothing, so nothing has made the folder yet.
+    std::fs::create_dir_all(&cache)?;
     if !is_root() {
         println!("vm-test: note: not root; installing missing host tools will fail");
     }
