@@ -115,6 +115,7 @@ pub async fn run(
         max_values: args.max_label_values,
     };
     let metrics = Arc::new(Metrics::new(args.max_ports, close_labels));
+    metrics.set_accept_owner(attached.accept_owners.name());
     let recent =
         Arc::new(RecentConnections::new(args.max_recent).counting_evictions(Arc::clone(&metrics)));
     let healthy = Arc::new(AtomicBool::new(true));

@@ -139,7 +139,7 @@ impl<S: Sink> Pipeline<S> {
 
     /// Runs until `shutdown` is cancelled, then settles what is already closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { attached: Attached { rings, mut lost, logger }, mut state } = self;
+        let Self { attached: Attached { rings, mut lost, logger, .. }, mut state } = self;
         let cannot_poll =
             |source: std::io::Error| Error::Io { context: "cannot poll the ring buffers", source };
         let mut rings = rings

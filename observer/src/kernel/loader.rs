@@ -27,12 +27,36 @@ use crate::{
 
 /// The attached programs and the maps the daemon reads.
 pub struct Attached {
+    /// Where the owner of an accepted socket comes from on this kernel.
+    pub accept_owners: AcceptOwners,
     /// Records from the kernel: each CPU's ring buffer, indexed by CPU number.
     pub rings: Vec<RingBuf<MapData>>,
     /// Owns the rest of the object; programs stay attached while it lives.
     pub lost: LostEvents,
     /// Messages of the programs themselves (aya-log), forwarded to our log.
     pub logger: Option<KernelLogger>,
+}
+
+/// Where the owner of an accepted socket comes from (see [`attach_owner_capture`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptOwners {
+    /// The fexit program on `inet_accept()`.
+    InetAccept,
+    /// `--bpf.accept-syscall-tracepoints`, where the fexit cannot attach.
+    Syscalls,
+    /// Neither: the tracker gives an accepted socket its listener's owner.
+    Listener,
+}
+
+impl AcceptOwners {
+    /// The `accept_owner` label of `observer_capture_info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AcceptOwners::InetAccept => "inet_accept",
+            AcceptOwners::Syscalls => "accept_syscalls",
+            AcceptOwners::Listener => "listener",
+        }
+    }
 }
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -185,10 +209,9 @@ pub fn load(layout: &KernelLayout, options: &Options) -> Result<Attached, Error>
     }
 
     // The fexit program has no standby twin: every run the kernel skipped is lost.
-    let unshadowed: Vec<RawFd> =
-        attach_owner_capture(&mut ebpf, &btf, &accept_format, accept_syscall_tracepoints)
-            .into_iter()
-            .collect();
+    let (accept_owners, accept_fd) =
+        attach_owner_capture(&mut ebpf, &btf, &accept_format, accept_syscall_tracepoints);
+    let unshadowed: Vec<RawFd> = accept_fd.into_iter().collect();
 
     let counters = ebpf
         .take_map(maps::LOST)
@@ -205,7 +228,7 @@ pub fn load(layout: &KernelLayout, options: &Options) -> Result<Attached, Error>
     };
     let previous_misses = primaries.iter().map(|fd| recursion_misses(*fd)).collect();
     let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses, unshadowed };
-    Ok(Attached { rings, lost, logger })
+    Ok(Attached { accept_owners, rings, lost, logger })
 }
 
 /// Creates a ring buffer of `bytes` for each of the `cpus` possible CPUs and puts it in
@@ -311,11 +334,11 @@ fn attach_owner_capture(
     btf: &aya::Btf,
     accept_format: &Result<u32, AcceptFormatError>,
     syscalls_allowed: bool,
-) -> Option<RawFd> {
+) -> (AcceptOwners, Option<RawFd>) {
     let reason = match attach_accept_exit(ebpf, btf) {
         Ok(fd) => {
             log::info!("owners of accepted sockets: from {ACCEPT_FUNCTION}() returning");
-            return Some(fd);
+            return (AcceptOwners::InetAccept, Some(fd));
         }
         Err(error) => error.one_line(),
     };
@@ -326,7 +349,7 @@ fn attach_owner_capture(
              --bpf.accept-syscall-tracepoints names the accepting process at a cost to every \
              system call on the host)"
         );
-        return None;
+        return (AcceptOwners::Listener, None);
     }
     log::info!(
         "owners of accepted sockets: from the accept() system-call tracepoints, which make \
@@ -334,18 +357,22 @@ fn attach_owner_capture(
          {reason})"
     );
     if let Err(error) = accept_format {
-        log::warn!("owners of accepted sockets will be unknown: {}", error::one_line(error));
-        return None;
+        log::warn!(
+            "accept() system-call tracepoints unusable, accepted sockets get their listener's \
+             owner: {}",
+            error::one_line(error)
+        );
+        return (AcceptOwners::Listener, None);
     }
     for name in ACCEPT_SYSCALL_PROGRAMS {
         if let Err(error) = attach_syscall_exit(ebpf, name) {
             log::warn!(
-                "owners of sockets returned by {name} will be unknown: {}",
+                "sockets returned by {name} get their listener's owner: {}",
                 error.one_line()
             );
         }
     }
-    None
+    (AcceptOwners::Syscalls, None)
 }
 
 fn attach_accept_exit(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<RawFd, Error> {

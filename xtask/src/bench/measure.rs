@@ -1,6 +1,6 @@
 //! One measurement: a configuration's tool started, the load run against it, its
 //! figures read, the load run again with BPF run-time statistics on (tools with BPF
-//! programs only), the tool stopped.
+//! programs only, at maximum churn only), the tool stopped.
 
 use std::{io::Read as _, process::Stdio, time::Duration};
 
@@ -19,7 +19,11 @@ use crate::command::target_dir;
 /// The load generator's report (tests/src/bin/churn.rs).
 #[derive(Debug, Deserialize)]
 pub struct Churn {
+    seconds: f64,
     connections_per_second: f64,
+    /// The whole host's busy CPU seconds over the churn window: all CPUs' time less
+    /// /proc/stat's idle and iowait.
+    host_cpu_seconds: Option<f64>,
     connections: Kinds,
     failed: Kinds,
     threads: usize,
@@ -78,6 +82,9 @@ struct Expected {
     transitions: u64,
     /// Transitions, RSTs and accepts: observer_events_total.
     events: u64,
+    /// The accept records among `events`: none where the daemon captures no accept()
+    /// (`observer_capture_info{accept_owner="listener"}`).
+    accepts: u64,
     /// Verdicts.
     closes: u64,
 }
@@ -90,8 +97,10 @@ impl Expected {
             + c.rst * TRANSITIONS.rst
             + c.refused * TRANSITIONS.refused
             + listeners * LISTENER_TRANSITIONS;
+        let accepts = c.fin * ACCEPTS.fin + c.rst * ACCEPTS.rst + c.refused * ACCEPTS.refused;
         Self {
             transitions,
+            accepts,
             events: transitions
                 + c.fin * (RESETS.fin + ACCEPTS.fin)
                 + c.rst * (RESETS.rst + ACCEPTS.rst)
@@ -113,6 +122,8 @@ pub struct Measure {
     /// both runs.
     pub events: Option<u64>,
     pub expected_events: u64,
+    /// Accept records among `expected_events` (see [`Expected::accepts`]).
+    pub expected_accepts: u64,
     pub transitions: Option<u64>,
     pub closes: Option<u64>,
     /// observer: over the main run; libbpf-tools: over both runs.
@@ -134,6 +145,16 @@ pub struct Measure {
     /// The no-observer rate this one is compared with: the mean of the `none` runs just
     /// before and just after it (a `none` run's own rate).
     pub baseline: f64,
+    /// Connections completed in the churn window, and its length.
+    pub connections: u64,
+    pub seconds: f64,
+    /// The whole host's busy CPU seconds (all CPUs) over the churn window: the kernel's
+    /// share (softirq included) and every process's, the daemon's wake-ups too.
+    pub host_cpu_seconds: Option<f64>,
+    /// The `none` runs' host CPU µs per connection and % of one core, compared with as
+    /// `baseline` is (a `none` run's own).
+    pub baseline_host_us: Option<f64>,
+    pub baseline_core_percent: Option<f64>,
 }
 
 /// The daemon's figures as the churn starts, which its own are counted from.
@@ -150,12 +171,14 @@ impl DaemonBefore {
 }
 
 impl Bench<'_> {
-    pub fn measure(&self, config: Config) -> anyhow::Result<Measure> {
+    /// `config` under maximum churn (`rate` None) or at `rate` connections/s; the BPF
+    /// cost run only at maximum churn, where the per-transition figures come from.
+    pub fn measure(&self, config: Config, rate: Option<u32>) -> anyhow::Result<Measure> {
         let mut running = self.start(config)?;
         let pids = running.pids();
         let before = running.daemon.as_ref().map(DaemonBefore::read).transpose()?;
 
-        let churn = self.churn()?;
+        let churn = self.churn(rate)?;
         system::check_interrupted()?;
         let mut measure = Measure::of(&churn, syscall_ns());
         warn_failed(config, &churn, &measure);
@@ -163,7 +186,7 @@ impl Bench<'_> {
         if let (Some(daemon), Some(before)) = (&running.daemon, &before) {
             measure.read_daemon(daemon, before, &churn.ports)?;
         }
-        if !pids.is_empty() {
+        if !pids.is_empty() && rate.is_none() {
             measure.cost = Some(self.cost_run(&pids)?);
             if let Some(daemon) = &running.daemon {
                 settle(daemon);
@@ -182,7 +205,7 @@ impl Bench<'_> {
     fn cost_run(&self, pids: &[u32]) -> anyhow::Result<CostRun> {
         let stats = BpfStats::enable()?;
         let before = program_stats(pids);
-        let churn = self.churn()?;
+        let churn = self.churn(None)?;
         let bpf = program_stats(pids).since(before);
         drop(stats);
         system::check_interrupted()?;
@@ -193,8 +216,8 @@ impl Bench<'_> {
         })
     }
 
-    /// Runs the load and returns its report.
-    fn churn(&self) -> anyhow::Result<Churn> {
+    /// Runs the load, paced to `rate` connections/s if given, and returns its report.
+    fn churn(&self, rate: Option<u32>) -> anyhow::Result<Churn> {
         let mut command =
             self.namespace.command(&target_dir().join("release/churn").display().to_string());
         command
@@ -203,6 +226,9 @@ impl Bench<'_> {
             .stdout(Stdio::piped());
         if let Some(threads) = self.options.threads {
             command.arg(format!("--threads={threads}"));
+        }
+        if let Some(rate) = rate {
+            command.arg(format!("--rate={rate}"));
         }
         let mut process = Process::spawn("churn", &mut command)?;
         let mut text = String::new();
@@ -229,9 +255,43 @@ impl Measure {
             failed: churn.failed.total(),
             expected_transitions: expected.transitions,
             expected_events: expected.events,
+            expected_accepts: expected.accepts,
             expected_closes: expected.closes,
+            connections: churn.connections.total(),
+            seconds: churn.seconds,
+            host_cpu_seconds: churn.host_cpu_seconds,
             ..Self::default()
         }
+    }
+
+    /// The whole host's CPU per connection completed, in µs. At maximum churn the host
+    /// is saturated in every configuration, so a costlier tool shows here as fewer
+    /// connections for the same CPU time; at a fixed rate, as more CPU time.
+    pub fn host_us_per_connection(&self) -> Option<f64> {
+        let cpu = self.host_cpu_seconds?;
+        (self.connections > 0).then(|| cpu * 1e6 / self.connections as f64)
+    }
+
+    /// The whole host's busy CPU time over the churn window, in % of one core.
+    pub fn host_core_percent(&self) -> Option<f64> {
+        let cpu = self.host_cpu_seconds?;
+        (self.seconds > 0.0).then(|| 100.0 * cpu / self.seconds)
+    }
+
+    /// A `none` run is compared with itself.
+    pub fn be_baseline(&mut self) {
+        self.baseline = self.connections_per_second;
+        self.baseline_host_us = self.host_us_per_connection();
+        self.baseline_core_percent = self.host_core_percent();
+    }
+
+    /// A tool's run is compared with the mean of the `none` runs either side of it:
+    /// this machine's speed drifts within minutes.
+    pub fn compare_with(&mut self, before: &Measure, after: &Measure) {
+        self.baseline = (before.connections_per_second + after.connections_per_second) / 2.0;
+        self.baseline_host_us =
+            mean(before.host_us_per_connection(), after.host_us_per_connection());
+        self.baseline_core_percent = mean(before.host_core_percent(), after.host_core_percent());
     }
 
     /// The daemon's figures for the churn: counters since `before`, its CPU time and
@@ -246,6 +306,11 @@ impl Measure {
             |metrics: &Exposition| closes_on(metrics, ports) - closes_on(&before.metrics, ports);
         wait_for_verdicts(daemon, self.expected_closes, &churn_closes);
         let after = daemon.metrics()?;
+        // Without a trampoline on inet_accept() (and without the opt-in accept() system-
+        // call tracepoints), the daemon records no accept: nothing to expect of them.
+        if after.sum("observer_capture_info", &[("accept_owner", "listener")]) > 0.0 {
+            self.expected_events -= self.expected_accepts;
+        }
         let delta =
             |name: &str| (after.sum(name, &[]) - before.metrics.sum(name, &[])).max(0.0) as u64;
         self.events = Some(delta("observer_events_total"));
@@ -325,6 +390,11 @@ fn syscall_ns() -> f64 {
             started.elapsed().as_nanos() as f64 / f64::from(CALLS)
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The mean of two figures, None unless both are there.
+fn mean(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some((a? + b?) / 2.0)
 }
 
 fn program_stats(pids: &[u32]) -> ProgramStats {

@@ -1,7 +1,8 @@
 //! The results table (Markdown, as docs/benchmarks.md shows it): one row per
-//! configuration, over all its rounds, then the footnotes.
+//! configuration, over all its rounds, then the footnotes; and the fixed-rate table,
+//! one row per rate and configuration.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use super::{
     Config,
@@ -9,8 +10,9 @@ use super::{
     system::ProgramStats,
 };
 
-const HEADER: &str = "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |";
-const ALIGNMENT: &str = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+const HEADER: &str = "| configuration | connections/s (median) | ratio (median per round) | host CPU µs/conn | added µs/conn (vs none) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |";
+const ALIGNMENT: &str =
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 pub fn table(
     configs: &[Config],
@@ -26,6 +28,12 @@ pub fn table(
         let _ = writeln!(out, "{}", Row::of(config, measures, idle));
     }
     let all = || results.values().flatten();
+    if all().any(|m| m.host_cpu_seconds.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n{HOST_CPU} µs/conn: per connection completed, median over the rounds."
+        );
+    }
     let setup_lost: Option<u64> = all().filter_map(|m| m.setup_lost).reduce(|a, b| a + b);
     let teardown_lost: Option<u64> = all().filter_map(|m| m.teardown_lost).reduce(|a, b| a + b);
     if let (Some(setup), Some(teardown)) = (setup_lost, teardown_lost) {
@@ -41,12 +49,133 @@ pub fn table(
             writeln!(out, "\n{failed} connection attempts did not end as intended (not counted).");
     }
     if disturbed {
-        let _ = writeln!(
-            out,
-            "\nDISTURBED: other processes' BPF tracing programs were loaded during the run (listed above)."
-        );
+        let _ = writeln!(out, "\n{DISTURBED}");
     }
     out
+}
+
+/// What the host CPU columns are, under both tables.
+const HOST_CPU: &str = "Host CPU: the whole host's busy time over the churn window, all CPUs: their \
+     wall time less what /proc/stat counts as idle or iowait (so user, nice, system, irq, \
+     softirq, steal); \"added\" is a run's figure minus the mean of the `none` runs either \
+     side of it.";
+
+const DISTURBED: &str =
+    "DISTURBED: other processes' BPF tracing programs were loaded during the run (listed above).";
+
+const RATE_HEADER: &str = "| rate (connections/s) | configuration | achieved connections/s | host CPU % of one core | added % of one core (vs none) | added µs/conn (vs none) |";
+const RATE_ALIGNMENT: &str = "|---:|---|---:|---:|---:|---:|";
+
+/// A paced run that made less than this share of its rate did not get the load it asked
+/// for (the end of the window alone costs a connection per thread at most).
+const KEPT_UP: f64 = 0.97;
+
+/// A run whose host was busier than this share of all its cores was saturated.
+const SATURATED: f64 = 0.95;
+
+/// The fixed-rate table: per rate, each configuration's achieved rate and host CPU
+/// (one run each, compared with the `none` runs either side of it); `cores` tells a
+/// saturated host.
+pub fn rate_table(
+    configs: &[Config],
+    at_rates: &[(u32, HashMap<&'static str, Vec<Measure>>)],
+    duration: Duration,
+    cores: usize,
+    disturbed: bool,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "At fixed rates ({} per run, paced over the generator's threads):\n",
+        humantime::format_duration(duration)
+    );
+    let _ = writeln!(out, "{RATE_HEADER}");
+    let _ = writeln!(out, "{RATE_ALIGNMENT}");
+    for (rate, results) in at_rates {
+        for &config in configs {
+            let Some(measures) = results.get(config.name()) else { continue };
+            let _ = writeln!(out, "{}", rate_row(*rate, config, measures));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{HOST_CPU} % of one core: busy time over wall time; µs/conn: per connection completed."
+    );
+    let saturated: Vec<String> = at_rates
+        .iter()
+        .filter(|(_, results)| saturated(results.values().flatten(), cores))
+        .map(|(rate, _)| format!("{rate}/s"))
+        .collect();
+    if !saturated.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nSATURATED at {}: every core was busy in some run (other processes' load, or a \
+             rate near the maximum), so those rows do not show what a tool adds at that rate.",
+            saturated.join(", ")
+        );
+    }
+    if disturbed {
+        let _ = writeln!(out, "\n{DISTURBED}");
+    }
+    out
+}
+
+/// Whether any of the runs kept the whole host busy: at a fixed rate below the maximum,
+/// only load from outside the bench does that, and it swamps the tool's share.
+fn saturated<'a>(mut measures: impl Iterator<Item = &'a Measure>, cores: usize) -> bool {
+    let all = 100.0 * cores as f64;
+    measures.any(|m| m.host_core_percent().is_some_and(|core| core >= SATURATED * all))
+}
+
+/// One configuration at one rate: its cells as printed.
+fn rate_row(rate: u32, config: Config, measures: &[Measure]) -> String {
+    let achieved = median(measures.iter().map(|m| m.connections_per_second).collect());
+    let slowest = measures.iter().map(|m| m.connections_per_second).fold(f64::INFINITY, f64::min);
+    let kept_up = if slowest < KEPT_UP * f64::from(rate) {
+        format!(
+            " (generator could not keep up: {:.0}% of the rate in its slowest run)",
+            100.0 * slowest / f64::from(rate)
+        )
+    } else {
+        String::new()
+    };
+    let core = median_of(measures, Measure::host_core_percent).map(|core| format!("{core:.1}%"));
+    let added =
+        added(config, measures, |m| Some(m.host_core_percent()? - m.baseline_core_percent?))
+            .map(|added| format!("{added:.1}%"));
+    let added_us = added_per_connection(config, measures).map(|us| format!("{us:.1}"));
+    format!(
+        "| {rate} | {} | {achieved:.0}{kept_up} | {} | {} | {} |",
+        name(config, measures, 0),
+        cell(core),
+        cell(added),
+        cell(added_us)
+    )
+}
+
+/// The µs of host CPU per connection a tool adds to its `none` runs'.
+fn added_per_connection(config: Config, measures: &[Measure]) -> Option<f64> {
+    added(config, measures, |m| Some(m.host_us_per_connection()? - m.baseline_host_us?))
+}
+
+/// The median over the runs of what a tool adds to `none` (None for `none` itself, or
+/// when no run has the figure).
+fn added(
+    config: Config,
+    measures: &[Measure],
+    figure: impl Fn(&Measure) -> Option<f64>,
+) -> Option<f64> {
+    if config == Config::None {
+        return None;
+    }
+    let values: Vec<f64> = measures.iter().filter_map(figure).collect();
+    (!values.is_empty()).then(|| median(values))
+}
+
+/// The median over the runs that have the figure, None if none has.
+fn median_of(measures: &[Measure], figure: impl Fn(&Measure) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = measures.iter().filter_map(figure).collect();
+    (!values.is_empty()).then(|| median(values))
 }
 
 /// One configuration's row: its cells, in the header's order, as printed.
@@ -54,6 +183,8 @@ struct Row {
     name: String,
     rate: f64,
     ratio: f64,
+    host_us: String,
+    added_us: String,
     ratio_with_stats: String,
     bpf_ns: String,
     bpf_per_transition: String,
@@ -76,6 +207,10 @@ impl Row {
             name: name(config, measures, idle),
             rate: median(measures.iter().map(|m| m.connections_per_second).collect()),
             ratio: ratio(measures),
+            host_us: cell(
+                median_of(measures, Measure::host_us_per_connection).map(|us| format!("{us:.1}")),
+            ),
+            added_us: cell(added_per_connection(config, measures).map(|us| format!("{us:.1}"))),
             ratio_with_stats: ratio_with_stats(config, measures, &costs),
             bpf_ns: cell(bpf.map(|s| format!("{:.0}", s.run_time_ns as f64 / s.run_count as f64))),
             bpf_per_transition: cell(bpf_per_transition(bpf, &costs)),
@@ -97,6 +232,8 @@ impl std::fmt::Display for Row {
             name,
             rate,
             ratio,
+            host_us,
+            added_us,
             ratio_with_stats,
             bpf_ns,
             bpf_per_transition,
@@ -111,7 +248,7 @@ impl std::fmt::Display for Row {
         } = self;
         write!(
             f,
-            "| {name} | {rate:.0} | {ratio:.3} | {ratio_with_stats} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} | {syscall:.0} |",
+            "| {name} | {rate:.0} | {ratio:.3} | {host_us} | {added_us} | {ratio_with_stats} | {bpf_ns} | {bpf_per_transition} | {events} | {verdicts} | {lost} | {cpu_per_m} | {core_per_100k} | {rss} | {peak_rss} | {syscall:.0} |",
         )
     }
 }
@@ -265,6 +402,7 @@ mod tests {
     /// Two rounds of every configuration, with every optional figure present in some
     /// and missing in others.
     fn fixture() -> HashMap<&'static str, Vec<Measure>> {
+        // A saturated 2-core host: 20 CPU-seconds in 10 s whatever the rate.
         let base = |rate: f64, baseline: f64| Measure {
             connections_per_second: rate,
             threads: 2,
@@ -273,6 +411,11 @@ mod tests {
             expected_events: 1_300_000,
             syscall_ns: 48.4,
             baseline,
+            connections: (rate * 10.0) as u64,
+            seconds: 10.0,
+            host_cpu_seconds: Some(20.0),
+            baseline_host_us: Some(2e6 / baseline),
+            baseline_core_percent: Some(200.0),
             ..Measure::default()
         };
         let none =
@@ -310,7 +453,7 @@ mod tests {
                 cost: Some(cost(95_000.0, 1_000_000, 90_000_000, 2_000_000)),
                 ..base(97_000.0, 99_000.0)
             },
-            Measure { cost: None, ..base(96_000.0, 100_250.0) },
+            Measure { cost: None, host_cpu_seconds: None, ..base(96_000.0, 100_250.0) },
         ];
         let bpftrace = vec![
             Measure {
@@ -365,14 +508,16 @@ mod tests {
         let text = table(&Config::ALL, &fixture(), 50_000, true);
         assert_eq!(
             text,
-            "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-             | none | 100000 | 1.000 | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n\
-             | observer | 90500 | 0.908 | 0.881 | 216 | 460 | 2599000/2600000 (99.96%) | 100.00% | 7 | 1.06 | 13.8% | 17.6 | 20.5 | 50 |\n\
-             | observer's hooks, programs returning at once | 96500 | 0.969 | - | 45 | 90 | - | - | - | - | - | - | - | 48 |\n\
-             | bpftrace | 80500 | 0.808 | 0.708 | 305 | 305 | 1990000/2000000 (99.50%) | - | - | - | - | - | - | 48 |\n\
-             | libbpf-tools | 65500 | 0.657 | 0.607 | 202 | 605 | - | - | 719 | - | - | - | - | 48 |\n\
-             | observer + 50000 idle connections (100012 tracked sockets) | 89000 | 0.899 | 0.859 | 227 | 500 | 1300000/1300000 (100.00%) | 100.00% | 0 | 1.35 | 17.5% | 56.6 | 58.6 | 48 |\n\
+            "| configuration | connections/s (median) | ratio (median per round) | host CPU µs/conn | added µs/conn (vs none) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | none | 100000 | 1.000 | 20.0 | - | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n\
+             | observer | 90500 | 0.908 | 22.1 | 2.0 | 0.881 | 216 | 460 | 2599000/2600000 (99.96%) | 100.00% | 7 | 1.06 | 13.8% | 17.6 | 20.5 | 50 |\n\
+             | observer's hooks, programs returning at once | 96500 | 0.969 | 20.6 | 0.4 | - | 45 | 90 | - | - | - | - | - | - | - | 48 |\n\
+             | bpftrace | 80500 | 0.808 | 24.8 | 4.8 | 0.708 | 305 | 305 | 1990000/2000000 (99.50%) | - | - | - | - | - | - | 48 |\n\
+             | libbpf-tools | 65500 | 0.657 | 30.5 | 10.5 | 0.607 | 202 | 605 | - | - | 719 | - | - | - | - | 48 |\n\
+             | observer + 50000 idle connections (100012 tracked sockets) | 89000 | 0.899 | 22.5 | 2.3 | 0.859 | 227 | 500 | 1300000/1300000 (100.00%) | 100.00% | 0 | 1.35 | 17.5% | 56.6 | 58.6 | 48 |\n\
+             \n\
+             Host CPU: the whole host's busy time over the churn window, all CPUs: their wall time less what /proc/stat counts as idle or iowait (so user, nice, system, irq, softirq, steal); \"added\" is a run's figure minus the mean of the `none` runs either side of it. µs/conn: per connection completed, median over the rounds.\n\
              \n\
              Outside the churn, events lost when the 50000 idle connections were all opened at once: 5; when they were all closed at once: 9.\n\
              \n\
@@ -386,12 +531,79 @@ mod tests {
     fn table_skips_configurations_without_runs() {
         let mut results = fixture();
         results.retain(|&name, _| name == "none");
+        for measure in results.values_mut().flatten() {
+            measure.host_cpu_seconds = None;
+        }
         let text = table(&Config::ALL, &results, 0, false);
         assert_eq!(
             text,
-            "| configuration | connections/s (median) | ratio (median per round) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-             | none | 100000 | 1.000 | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n"
+            "| configuration | connections/s (median) | ratio (median per round) | host CPU µs/conn | added µs/conn (vs none) | ratio, BPF statistics on | BPF ns/run | BPF ns/transition | events seen/expected | verdicts/expected | lost | daemon CPU s/M events | % core per 100k transitions/s | RSS MiB | peak RSS MiB | getppid() ns |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | none | 100000 | 1.000 | - | - | 1.000 | - | - | - | - | - | - | - | - | - | 48 |\n"
+        );
+    }
+
+    /// One fixed rate with every row kind: `none` around two tools, one of which the
+    /// generator could not pace.
+    #[test]
+    fn rate_table_text_is_pinned() {
+        // `core` % of one core over 10 s at `rate`; compared with `none` at 5 % (1000/s).
+        let run = |rate: f64, core: f64| Measure {
+            connections_per_second: rate,
+            connections: (rate * 10.0) as u64,
+            seconds: 10.0,
+            host_cpu_seconds: Some(core / 10.0),
+            baseline_host_us: Some(50.0),
+            baseline_core_percent: Some(5.0),
+            ..Measure::default()
+        };
+        let results = HashMap::from([
+            ("none", vec![run(1000.2, 5.2), run(999.1, 4.8), run(1000.0, 5.0)]),
+            ("observer", vec![run(1000.1, 5.9)]),
+            ("observer-hooks", vec![Measure { host_cpu_seconds: None, ..run(950.0, 5.0) }]),
+        ]);
+        let text = rate_table(&Config::ALL, &[(1000, results)], Duration::from_secs(10), 2, false);
+        assert_eq!(
+            text,
+            "At fixed rates (10s per run, paced over the generator's threads):\n\
+             \n\
+             | rate (connections/s) | configuration | achieved connections/s | host CPU % of one core | added % of one core (vs none) | added µs/conn (vs none) |\n\
+             |---:|---|---:|---:|---:|---:|\n\
+             | 1000 | none | 1000 | 5.0% | - | - |\n\
+             | 1000 | observer | 1000 | 5.9% | 0.9% | 9.0 |\n\
+             | 1000 | observer's hooks, programs returning at once | 950 (generator could not keep up: 95% of the rate in its slowest run) | - | - | - |\n\
+             \n\
+             Host CPU: the whole host's busy time over the churn window, all CPUs: their wall time less what /proc/stat counts as idle or iowait (so user, nice, system, irq, softirq, steal); \"added\" is a run's figure minus the mean of the `none` runs either side of it. % of one core: busy time over wall time; µs/conn: per connection completed.\n"
+        );
+    }
+
+    /// A host kept busy by something else is called out under the table.
+    #[test]
+    fn rate_table_calls_out_a_saturated_host() {
+        let run = |core: f64| Measure {
+            connections_per_second: 1000.0,
+            connections: 10_000,
+            seconds: 10.0,
+            host_cpu_seconds: Some(core / 10.0),
+            ..Measure::default()
+        };
+        let quiet = HashMap::from([("none", vec![run(5.0)]), ("observer", vec![run(6.0)])]);
+        let busy = HashMap::from([("none", vec![run(196.0)]), ("observer", vec![run(199.0)])]);
+        let text = rate_table(
+            &Config::ALL,
+            &[(1000, quiet), (10_000, busy)],
+            Duration::from_secs(10),
+            2,
+            true,
+        );
+        assert!(
+            text.ends_with(
+                "\n\nSATURATED at 10000/s: every core was busy in some run (other processes' load, \
+                 or a rate near the maximum), so those rows do not show what a tool adds at that \
+                 rate.\n\nDISTURBED: other processes' BPF tracing programs were loaded during the \
+                 run (listed above).\n"
+            ),
+            "{text}"
         );
     }
 }

@@ -111,6 +111,19 @@ pub fn boot(
         } else if line.starts_with("test ") && line.ends_with(" ... FAILED") {
             failed_tests
                 .push(line.trim_start_matches("test ").trim_end_matches(" ... FAILED").to_string());
+        } else if let Some(summary) = line.strip_prefix("test result: ") {
+            // The harness's own count: a kernel message printed in the middle of a
+            // "test … ok" line (the console is shared) would hide that line from the above.
+            if let Some((passed, failed)) = harness_counts(summary) {
+                outcome.passed = passed;
+                outcome.total = passed + failed;
+            }
+        } else if let Some(name) = line.strip_prefix("    tests::") {
+            // The harness's closing list of failures, one indented name per line.
+            let name = format!("tests::{}", name.trim());
+            if !failed_tests.contains(&name) {
+                failed_tests.push(name);
+            }
         } else if let Some(result) = line.strip_prefix("vm-test-result: ") {
             let mut fields = result.split_whitespace();
             outcome.release = fields.next().map(str::to_string);
@@ -149,5 +162,28 @@ fn append(path: &Path, line: &str) {
         .and_then(|mut file| writeln!(file, "{line}"));
     if let Err(error) = written {
         println!("vm-test: cannot write {}: {error}", path.display());
+    }
+}
+
+/// (passed, failed) from the harness's summary, `ok. 62 passed; 3 failed; 3 ignored; …`.
+fn harness_counts(summary: &str) -> Option<(usize, usize)> {
+    let count = |what: &str| {
+        summary
+            .split(';')
+            .find_map(|part| part.trim().strip_suffix(what)?.split(' ').next_back()?.parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::harness_counts;
+
+    #[test]
+    fn reads_the_harness_summary() {
+        let summary = "FAILED. 62 passed; 3 failed; 3 ignored; 0 measured; 0 filtered out; finished in 225.18s";
+        assert_eq!(harness_counts(summary), Some((62, 3)));
+        assert_eq!(harness_counts("ok. 9 passed; 0 failed; 0 ignored"), Some((9, 0)));
+        assert_eq!(harness_counts("garbage"), None);
     }
 }

@@ -71,6 +71,8 @@ type FastHash = foldhash::fast::RandomState;
 
 pub struct Metrics {
     registry: Registry,
+    /// `observer_capture_info`: how this kernel's events are captured.
+    capture_info: IntGaugeVec,
     closes: IntCounterVec,
     close_labels: CloseLabels,
     /// Children of `closes` already looked up (without the optional labels): the label
@@ -261,6 +263,19 @@ impl Metrics {
             ),
         );
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let capture_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "observer_capture_info",
+                    "How this kernel's events are captured; the value is always 1. \
+                     accept_owner: where the owner of an accepted socket comes from \
+                     (inet_accept: a trampoline on inet_accept(); accept_syscalls: the \
+                     accept() system-call tracepoints; listener: its listener's owner).",
+                ),
+                &["accept_owner"],
+            ),
+        );
         let process = prometheus::process_collector::ProcessCollector::for_self();
         registry.register(Box::new(process)).expect("unique metric");
 
@@ -274,6 +289,7 @@ impl Metrics {
 
         Self {
             registry,
+            capture_info,
             closes,
             close_labels,
             close_counters: Mutex::new(HashMap::default()),
@@ -395,6 +411,11 @@ impl Metrics {
 
     fn record_event(&self) {
         self.events.inc();
+    }
+
+    /// Says how the owners of accepted sockets are captured (`observer_capture_info`).
+    pub fn set_accept_owner(&self, source: &str) {
+        self.capture_info.with_label_values(&[source]).set(1);
     }
 
     /// A record that could not be decoded: malformed, and lost to the tracker.
