@@ -56,6 +56,12 @@ const HOLD_NS: u64 = 2_000_000;
 const DECIDE_DURING_DRAIN_LAG_NS: u64 = 100_000_000;
 /// Longest sleep without anything to decide (refreshes the lost-event count).
 const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// How late the reader may wake for something due (held events to hand on, a socket to
+/// decide): everything due within this much is done in one wake-up. At 1 000
+/// connections/s, waking at each item's own moment woke the thread hundreds of times a
+/// second and cost ~4 % of a core (docs/benchmarks.md, fixed-rate rows); verdicts come at
+/// most this much later.
+const DUE_BATCH_NS: u64 = 10_000_000;
 /// How often the lost-event count is read from the kernel under load.
 const LOST_REFRESH_NS: u64 = 100_000_000;
 /// The eBPF side wakes us at most once per [`WAKEUP_INTERVAL_NS`] per CPU; what it
@@ -265,7 +271,7 @@ impl<S: Sink> Running<S> {
         ];
         match due.into_iter().flatten().min() {
             Some(at) => Duration::from_nanos(
-                (at + HOLD_NS).saturating_sub(monotonic_ns()).saturating_add(1),
+                (at + HOLD_NS + DUE_BATCH_NS).saturating_sub(monotonic_ns()).saturating_add(1),
             )
             .min(IDLE_WAKE),
             None => IDLE_WAKE,
