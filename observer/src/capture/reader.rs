@@ -403,9 +403,11 @@ impl<S: Sink> Running<S> {
             self.lost_read_at = now_ns;
             let (ring_full, skipped) = lost.by_cause();
             if ring_full + skipped > self.metrics.lost_in_kernel() {
+                let (primaries, standbys) = lost.skipped_runs();
                 log::warn!(
                     "events lost so far: {ring_full} with the ring buffer full, {skipped} \
-                     skipped by the kernel as nested runs on one CPU"
+                     skipped by the kernel as nested runs on one CPU (runs skipped: \
+                     {primaries} of primary programs, {standbys} of their standby twins)"
                 );
             }
             self.metrics.set_lost(ring_full, skipped);

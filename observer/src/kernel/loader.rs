@@ -70,6 +70,9 @@ pub struct LostEvents {
     counters: PerCpuArray<MapData, u64>,
     /// Descriptor of each tracepoint's primary program, for its `recursion_misses`.
     primaries: Vec<RawFd>,
+    /// Descriptors of the standby twins: their own misses tell whether the kernel
+    /// skipped both programs of a hit (then no twin can record it).
+    standbys: Vec<RawFd>,
     /// The primaries' misses at the previous reading.
     previous_misses: Vec<u64>,
     /// Programs without a standby twin (the fexit on `inet_accept()`, which a task can
@@ -86,6 +89,12 @@ impl LostEvents {
     /// what it recorded a moment after the kernel counts the skip, so the skips are taken
     /// from the previous reading: the result converges on the exact count one reading
     /// later instead of briefly over-counting (the exported counter never goes down).
+    /// Runs the kernel skipped as nested so far: (primaries, standby twins).
+    pub fn skipped_runs(&self) -> (u64, u64) {
+        let sum = |fds: &[RawFd]| fds.iter().map(|fd| recursion_misses(*fd)).sum::<u64>();
+        (sum(&self.primaries), sum(&self.standbys))
+    }
+
     pub fn by_cause(&mut self) -> (u64, u64) {
         let slot = |index: u32| -> u64 {
             self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or_default()
@@ -178,18 +187,21 @@ pub fn load(layout: &KernelLayout, options: &Options) -> Result<Attached, Error>
     let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|error| Error::BtfParse { path: btf_path.to_path_buf(), source: error.into() })?;
     let mut primaries = Vec::new();
+    let mut standbys = Vec::new();
     for tracepoint in TRACEPOINTS {
         let mut failure = None;
         for pair in tracepoint.programs {
             let attached =
                 load_program(&mut ebpf, pair.primary, tracepoint.name, &btf).and_then(|fd| {
                     if !standby_programs {
-                        return Ok(fd);
+                        return Ok((fd, None));
                     }
-                    load_program(&mut ebpf, pair.standby, tracepoint.name, &btf).map(|_| fd)
+                    load_program(&mut ebpf, pair.standby, tracepoint.name, &btf)
+                        .map(|standby| (fd, Some(standby)))
                 });
             match attached {
-                Ok(fd) => {
+                Ok((fd, standby)) => {
+                    standbys.extend(standby);
                     if failure.is_some() {
                         log::debug!("this kernel needs the fallback program `{}`", pair.primary);
                     }
@@ -227,7 +239,8 @@ pub fn load(layout: &KernelLayout, options: &Options) -> Result<Attached, Error>
         }
     };
     let previous_misses = primaries.iter().map(|fd| recursion_misses(*fd)).collect();
-    let lost = LostEvents { _ebpf: ebpf, counters, primaries, previous_misses, unshadowed };
+    let lost =
+        LostEvents { _ebpf: ebpf, counters, primaries, standbys, previous_misses, unshadowed };
     Ok(Attached { accept_owners, rings, lost, logger })
 }
 
