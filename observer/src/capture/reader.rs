@@ -1,8 +1,9 @@
 //! The ring-buffer reader: kernel records → decoder → tracker → verdicts.
 //!
 //! One thread of its own ([`Pipeline::spawn`]) feeds the tracker; `/connections` reads
-//! it too, under its lock, between two drains, and keeps that short. The task wakes when a ring buffer has data, and when the oldest closed
-//! socket's evidence window ends; at every wake-up it drains the rings *before*
+//! it too, under its lock, between two drains, and keeps that short. The thread wakes
+//! when a ring buffer has data, and when the oldest closed socket's evidence window ends
+//! (batched, [`DUE_BATCH_NS`]); at every wake-up it drains the rings *before*
 //! expiring windows, so an RST reserved just after F is always counted with its
 //! connection.
 //!

@@ -127,6 +127,11 @@ pub struct TrackerStats {
     pub replaced: u64,
 }
 
+/// (network namespace inode, local port) of a listener.
+type ListeningPort = (u32, u16);
+/// The listener's socket (`None`: older than the daemon) and its owner.
+type ListenerOwner = (Option<SocketId>, Arc<Process>);
+
 pub struct Tracker {
     /// Unbounded to the crate (which would allocate its table for the full capacity up
     /// front); the capacity is enforced in [`Tracker::insert`].
@@ -143,7 +148,8 @@ pub struct Tracker {
     /// stands until a system call on the socket itself (close, shutdown) names one. The
     /// socket is `None` for listeners older than the daemon (known from the startup
     /// descriptor scan, not by address). With SO_REUSEPORT, the last listener seen.
-    listener_owners: HashMap<(u32, u16), (Option<SocketId>, Arc<Process>)>,
+    /// foldhash: looked up for every accepted socket.
+    listener_owners: HashMap<ListeningPort, ListenerOwner, foldhash::fast::RandomState>,
     /// Closed sockets waiting for late evidence, in order of F.
     closing: VecDeque<(u64, SocketId)>,
     stats: TrackerStats,
@@ -156,7 +162,7 @@ impl Tracker {
             capacity,
             owners: Owners::default(),
             preexisting_owners: std::collections::HashMap::new(),
-            listener_owners: HashMap::new(),
+            listener_owners: HashMap::default(),
             closing: VecDeque::new(),
             stats: TrackerStats::default(),
         }
